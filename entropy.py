@@ -1,0 +1,381 @@
+"""Truncated matrix entropy: which attention heads does DoPE denoise?
+
+DoPE (Xiong et al., "Denoising Rotary Position Embedding", arXiv 2511.09146) looks at one attention head through the
+Gram matrix of its queries (or keys) over a long calibration prompt. A head whose Gram has one dominant eigenvalue
+(a rank-one "spike", v1 Sec. 4.2) is a head whose low-frequency RoPE bands add up coherently over the context: an
+attention-sink head. The spike shows up as a low truncated matrix entropy, and those heads are the ones denoised.
+
+The pipeline, in the order of this file:
+
+    S = X^T X                     one (layer, head, criterion): X is (N tokens, d), S is (d, d), float64
+    p = eig(S) / tr(S)            the normalised spectrum, descending             -> spectrum()
+    H^r = -sum_{i<=r} p_i ln p_i  the score of the head                           -> head_scores()
+    k heads with lowest H^r       global over all layers x heads                  -> select_heads()
+
+S is never built from a stored X: GramAccumulator adds X^T X chunk by chunk while the model runs a chunked prefill,
+so memory is O(layers x heads x d^2) whatever the prompt length. score_model() is the glue for a model that calls an
+observer in every layer; plot_scores() draws the layers x heads map.
+
+Only torch is needed at import time (tqdm and matplotlib are imported where used), and nothing here imports model.py:
+the file can be pasted into another codebase. Equation numbers: "v1 Eq. N" / "v2 Eq. N" of the paper's two versions.
+"""
+
+import math
+from numbers import Integral
+
+import torch
+
+# The six places where X is read (DOPE_METHOD.md Sec. 2): queries or keys, before rotation, rotated with the
+# NTK-scaled base the model actually uses, or rotated with the model's original base.
+CRITERIA = (
+    "query/pre_ntk", "query/post_ntk", "query/post_rope",
+    "key/pre_ntk", "key/post_ntk", "key/post_rope",
+)
+METRICS = ("trunc", "vanilla", "renorm", "spectral")
+PREPROCESS = ("none", "uncomp")
+ORDERS = ("asc", "desc")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Spectrum and scores of a Gram matrix
+
+def spectrum(S):
+    """Normalised eigenvalues p = eig(S) / tr(S) of a Gram matrix, sorted descending (v1 Eq. 23-30, v2 Eq. 11).
+
+    S: (..., d, d), symmetric positive semi-definite (a Gram X^T X). Returns (..., d) float64 that sums to 1.
+    Raises ValueError, naming the batch indices, when a Gram has zero trace (a head whose X was all zeros) or is not
+    finite: a NaN must never flow silently into a ranking of heads.
+    """
+    S = torch.as_tensor(S).to(torch.float64)
+    assert S.ndim >= 2 and S.shape[-1] == S.shape[-2], f"expected (..., d, d), got {tuple(S.shape)}"
+    _check_batch(~torch.isfinite(S).all(dim=(-2, -1)), "has non-finite entries")
+    trace = S.diagonal(dim1=-2, dim2=-1).sum(-1)  # (...)
+    _check_batch(trace <= 0, "has zero trace (an all-zero Gram: a head whose queries/keys were all zero)")
+    # S is PSD, so its eigenvalues are its singular values; eigvalsh is exact up to rounding, whose tiny negative
+    # eigenvalues (rank-deficient S) would make ln p undefined.
+    eig = torch.linalg.eigvalsh(S).flip(-1).clamp_min(0.0)  # (..., d), descending
+    return eig / trace[..., None]
+
+
+def _check_batch(bad, what):
+    if bad.any():
+        where = [tuple(i) for i in torch.nonzero(bad).tolist()]
+        raise ValueError(f"Gram matrix {what} at batch indices {where}")
+
+
+def _plogp(p):
+    # -p ln p with the limit 0 ln 0 = 0 (rank-deficient Grams have exact zeros).
+    return -torch.special.xlogy(p, p)
+
+
+def vanilla_entropy(S):
+    """Matrix entropy H = -sum_{i=1..d} p_i ln p_i over the whole spectrum (v1 Eq. 23-30, v2 Def. A.6).
+
+    0 for a rank-one Gram, ln d for an isotropic one. (..., d, d) -> (...).
+    """
+    return _plogp(spectrum(S)).sum(-1)
+
+
+def _check_rank(r, d):
+    if isinstance(r, bool) or not isinstance(r, Integral) or not 1 <= r <= d:
+        raise ValueError(f"truncation rank r must be an int in [1, d = {d}], got {r!r}")
+    return int(r)
+
+
+def truncated_entropy(S, r):
+    """Truncated matrix entropy H^r = -sum_{i<=r} p_i ln p_i (v1 Eq. 23-30, v2 Eq. 11). The project default.
+
+    p is normalised by the full trace and NOT renormalised inside the top r, as in the authors' own UNComp code.
+    Each term is >= 0, so H^r <= H and H^d = H. Small H^r means the top eigenvalues hold either almost all of the
+    energy (p_i near 1, a spike) or almost none.
+
+    r = 1 is a score of the spectral norm alone: H^1 = -p1 ln p1 with p1 = ||S||_2 / tr(S). The map x -> -x ln x
+    rises on (0, 1/e] and falls on [1/e, 1], so among heads with p1 >= 1/e (the spike regime the paper is about)
+    ranking by H^1 ascending is exactly ranking by p1 descending; among heads with p1 < 1/e the order is reversed
+    (the flattest head scores lowest). spectral_share() gives p1 directly.
+    (..., d, d) -> (...); r must be an int in [1, d].
+    """
+    p = spectrum(S)
+    r = _check_rank(r, p.shape[-1])
+    return _plogp(p[..., :r]).sum(-1)
+
+
+def truncated_entropy_renorm(S, r):
+    """The v1 Eq. 30 alternative: entropy of the top r eigenvalues renormalised to sum to 1 among themselves.
+
+    exp of it is the "truncated effective rank" (between 1 and r). It ignores how much energy the top r hold, and
+    at r = 1 it is the constant 0 for every head (exp = 1), so it cannot rank heads there: use r >= 2.
+    (..., d, d) -> (...); r must be an int in [1, d].
+    """
+    p = spectrum(S)
+    r = _check_rank(r, p.shape[-1])
+    top = p[..., :r]
+    top = top / top.sum(-1, keepdim=True)  # v1 Eq. 30; p1 > 0 since tr(S) > 0
+    return _plogp(top).sum(-1)
+
+
+def spectral_share(S):
+    """Normalised spectral norm p1 = ||S||_2 / tr(S) = lambda_max / sum(lambda), in [1/d, 1].
+
+    The size of the rank-one spike of v1 Sec. 4.2. Rank heads by it descending. (..., d, d) -> (...).
+    """
+    return spectrum(S)[..., 0]
+
+
+def head_scores(grams, metric="trunc", r=1):
+    """One score per Gram: "trunc" (H^r, default), "vanilla" (H), "renorm" (v1 Eq. 30), "spectral" (p1).
+
+    grams: (..., d, d), e.g. (n_layer, n_head, d, d). Returns (...) float64. r is used by "trunc" and "renorm" only.
+    Pair the score with its order in select_heads(): "trunc" -> "asc", "vanilla" -> "desc", "spectral" -> "desc".
+    """
+    if metric == "trunc":
+        return truncated_entropy(grams, r)
+    if metric == "vanilla":
+        return vanilla_entropy(grams)
+    if metric == "renorm":
+        return truncated_entropy_renorm(grams, r)
+    if metric == "spectral":
+        return spectral_share(grams)
+    raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
+
+
+def mean_scores(scores):
+    """Average per-prompt scores over several calibration prompts (DOPE_METHOD.md Sec. 2).
+
+    Scores are averaged, not Grams: each prompt's spectrum is normalised by its own trace, so a longer or louder
+    prompt does not outweigh the others, and the entropy of a summed Gram is not the mean of the entropies.
+    scores: a non-empty list of equal-shape tensors, e.g. (n_layer, n_head). Returns their mean, float64.
+    """
+    scores = [torch.as_tensor(s, dtype=torch.float64) for s in scores]
+    if not scores:
+        raise ValueError("mean_scores needs at least one score tensor")
+    shapes = {tuple(s.shape) for s in scores}
+    if len(shapes) != 1:
+        raise ValueError(f"all score tensors must have the same shape, got {sorted(shapes)}")
+    return torch.stack(scores).mean(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Streaming Grams
+
+def rope_cos_sin(pos, inv_freq):
+    """cos and sin tables (T, d) of half-split RoPE (v1 Eq. 8-11, v2 Eq. 1-4), computed in float32 as HF does.
+
+    pos: (T,) absolute positions; inv_freq: (d/2,) theta_f. Band f rotates dims (f, f + d/2), hence the cat.
+    """
+    freqs = pos.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # (T, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim: the 90-degree turn of every band at once."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (..., T, d) by the tables (T, d): x cos + rotate_half(x) sin (HF's apply_rotary_pos_emb)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class GramAccumulator:
+    """Streams S = X^T X for every (criterion, layer, head) during a chunked forward, never storing X.
+
+    The model calls acc(layer, q, k, pos) in every layer with the projected, NOT yet rotated q (B, n_head, T, d) and
+    k (B, n_kv_head, T, d), and pos (T,) the absolute positions of the chunk. For "post_ntk" / "post_rope" the
+    accumulator rotates q and k itself, with inv_freq_used (the scaled frequencies the model runs with, e.g. Dynamic
+    NTK) or inv_freq_orig (the checkpoint's base). Grams sum over batch and tokens in float64; memory is
+    O(criteria x layers x heads x d^2). Key Grams are kept per KV head and expanded to query heads by grams().
+
+    preprocess="uncomp" is UNComp's variant: L2-normalise each token's row, then centre over tokens. Both stream:
+    the row norm is per token (and commutes with rotation, so it is done once before rotating), and the centred
+    Gram is sum x x^T - N mu mu^T = S - s s^T / N with s = sum x, so only s and N are kept besides S.
+    Centring before normalising would need mu before the first chunk, i.e. two passes: not offered.
+
+    gram_dtype is the dtype of the per-chunk rotation and matmul (the sum over chunks is float64 either way).
+    float64 is the reference; float32 halves the cost at a relative error of about 1e-6 per chunk's Gram.
+    """
+
+    def __init__(self, n_layer, n_head, n_kv_head, head_dim, inv_freq_used, inv_freq_orig, criteria=CRITERIA,
+                 preprocess="none", gram_dtype=torch.float64):
+        criteria = tuple(criteria)
+        unknown = [c for c in criteria if c not in CRITERIA]
+        if unknown or not criteria:
+            raise ValueError(f"unknown criteria {unknown}; choose a non-empty subset of {', '.join(CRITERIA)}")
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"unknown preprocess {preprocess!r}; valid: {', '.join(PREPROCESS)}")
+        if n_head % n_kv_head != 0:
+            raise ValueError(f"n_head = {n_head} is not a multiple of n_kv_head = {n_kv_head}")
+        if head_dim % 2 != 0:
+            raise ValueError(f"head_dim = {head_dim} must be even for RoPE")
+        for name, f in (("inv_freq_used", inv_freq_used), ("inv_freq_orig", inv_freq_orig)):
+            if tuple(f.shape) != (head_dim // 2,):
+                raise ValueError(f"{name} must have shape ({head_dim // 2},), got {tuple(f.shape)}")
+        self.n_layer, self.n_head, self.n_kv_head, self.head_dim = n_layer, n_head, n_kv_head, head_dim
+        self.criteria, self.preprocess, self.gram_dtype = criteria, preprocess, gram_dtype
+        self.inv_freq = {"pre_ntk": None, "post_ntk": inv_freq_used.float(), "post_rope": inv_freq_orig.float()}
+        heads = {"query": n_head, "key": n_kv_head}
+        d = head_dim
+        self.S = {c: torch.zeros(n_layer, heads[c.split("/")[0]], d, d, dtype=torch.float64) for c in criteria}
+        # Row sums for UNComp's streamed centring.
+        self.s = {c: torch.zeros(n_layer, heads[c.split("/")[0]], d, dtype=torch.float64) for c in criteria} \
+            if preprocess == "uncomp" else None
+        self.counts = [0] * n_layer  # tokens seen by each layer: all equal after a complete forward
+        self._pos, self._tables = None, {}
+
+    def _cos_sin(self, pos):
+        # Every layer of a chunk sees the same positions: build each table once per chunk.
+        if self._pos is None or self._pos.shape != pos.shape or not torch.equal(self._pos, pos):
+            self._pos = pos.clone()
+            self._tables = {}
+            for where in ("post_ntk", "post_rope"):
+                cos, sin = rope_cos_sin(pos, self.inv_freq[where])  # float32 (T, d)
+                self._tables[where] = (cos.to(self.gram_dtype), sin.to(self.gram_dtype))
+        return self._tables
+
+    @torch.no_grad()
+    def __call__(self, layer, q, k, pos):
+        B, H, T, d = q.shape
+        assert 0 <= layer < self.n_layer, f"layer {layer} outside [0, {self.n_layer})"
+        assert (H, d) == (self.n_head, self.head_dim), f"q is {tuple(q.shape)}, expected (B, {self.n_head}, T, {d})"
+        assert tuple(k.shape) == (B, self.n_kv_head, T, d), f"k is {tuple(k.shape)}, q is {tuple(q.shape)}"
+        assert tuple(pos.shape) == (T,), f"pos must be (T,) = ({T},), got {tuple(pos.shape)}"
+        tables = None
+        for kind, x in (("query", q), ("key", k)):
+            wanted = [c for c in self.criteria if c.startswith(kind)]
+            if not wanted:
+                continue
+            x = x.to(self.gram_dtype)  # (B, h, T, d)
+            if self.preprocess == "uncomp":
+                # UNComp: unit rows. Rotation preserves norms, so normalising before rotating is the same.
+                x = x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+            for c in wanted:
+                where = c.split("/")[1]
+                if where == "pre_ntk":
+                    xr = x
+                else:
+                    tables = tables or self._cos_sin(pos)
+                    xr = apply_rope(x, *tables[where])  # (B, h, T, d)
+                # One batched matmul over (batch, heads); the sum over the batch is the sum over its tokens.
+                self.S[c][layer] += (xr.mT @ xr).sum(0).to(torch.float64)  # (h, d, d)
+                if self.s is not None:
+                    self.s[c][layer] += xr.sum(dim=(0, 2)).to(torch.float64)  # (h, d)
+        self.counts[layer] += B * T
+
+    @property
+    def n_tokens(self):
+        """Tokens (batch x positions) accumulated so far, as seen by layer 0."""
+        return self.counts[0]
+
+    def grams(self):
+        """dict criterion -> (n_layer, n_head, d, d) float64 Grams. Key Grams are expanded over each GQA group:
+        query head h reads KV head h // (n_head // n_kv_head), so the heads of one group share a key score."""
+        if len(set(self.counts)) != 1 or self.counts[0] == 0:
+            raise RuntimeError(f"tokens seen per layer are {self.counts}: the observer must be called in every "
+                               "layer of a complete forward before grams()")
+        N = self.counts[0]
+        out = {}
+        for c in self.criteria:
+            S = self.S[c].clone()  # (L, h, d, d)
+            if self.s is not None:
+                s = self.s[c]  # (L, h, d)
+                S -= s[..., :, None] * s[..., None, :] / N  # sum x x^T - N mu mu^T, mu = s / N
+            if c.startswith("key"):
+                S = S.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (L, n_head, d, d)
+            out[c] = S
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Glue: one chunked prefill over a calibration prompt
+
+def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="none", progress=True,
+                gram_dtype=torch.float64):
+    """Run one chunked prefill of `tokens` through `model` and return its Grams: dict criterion -> (L, H, d, d).
+
+    Score them with head_scores(); for several calibration prompts call this once per prompt and combine the
+    per-prompt scores with mean_scores(). Calibrate at the target length (the paper picks its 64K heads on 64K
+    prompts), so a prompt shorter than one chunk is refused.
+
+    The model is duck-typed: model.config.{n_layer, n_head, n_kv_head, head_dim}; model.rope_inv_freq() (in use) and
+    model.rope_inv_freq(scaled=False) (original base); model.new_cache(batch=1, max_len=T); and
+    model(tokens (1, t), cache=cache, observer=acc), which advances the cache and calls acc(layer, q, k, pos) in
+    every layer with q and k before rotation.
+    """
+    from tqdm.auto import tqdm
+
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]  # (1, T)
+    assert tokens.ndim == 2 and tokens.shape[0] == 1, f"tokens must be (T,) or (1, T), got {tuple(tokens.shape)}"
+    T = tokens.shape[1]
+    if T < chunk:
+        raise ValueError(f"a calibration prompt of {T} tokens is shorter than one chunk ({chunk}); "
+                         "score at the target length")
+    cfg = model.config
+    acc = GramAccumulator(cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
+                          inv_freq_used=model.rope_inv_freq(), inv_freq_orig=model.rope_inv_freq(scaled=False),
+                          criteria=criteria, preprocess=preprocess, gram_dtype=gram_dtype)
+    with torch.inference_mode():
+        cache = model.new_cache(batch=1, max_len=T)
+        for start in tqdm(range(0, T, chunk), desc="scoring heads", unit="chunk", disable=not progress):
+            model(tokens[:, start:start + chunk], cache=cache, observer=acc)
+    assert acc.n_tokens == T, f"the observer saw {acc.n_tokens} tokens of {T}"
+    return acc.grams()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Head selection
+
+def select_heads(scores, k, order="asc"):
+    """The k heads to denoise, chosen globally over all layers x heads (v1 Eq. 31, v2 Eq. 12).
+
+    scores: (L, H). order="asc" takes the k lowest scores, "desc" the k highest. The paper's rule of thumb:
+    truncated entropy -> "asc" (denoise the spikiest heads), vanilla entropy -> "desc"; the spectral share p1 ->
+    "desc". Ties are broken by (layer, head) ascending, so the choice is deterministic (GQA key scores tie a lot).
+    Returns [(layer, head), ...], best first.
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    assert scores.ndim == 2, f"scores must be (layers, heads), got {tuple(scores.shape)}"
+    L, H = scores.shape
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; valid: {', '.join(ORDERS)}")
+    if isinstance(k, bool) or not isinstance(k, Integral) or not 1 <= k <= L * H:
+        raise ValueError(f"k = {k!r} heads requested, but k must be an int in [1, {L * H}] ({L} layers x {H} heads)")
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        raise ValueError(f"non-finite scores at (layer, head) {[tuple(i) for i in torch.nonzero(bad).tolist()]}")
+    flat = scores.flatten().tolist()
+    sign = 1.0 if order == "asc" else -1.0
+    ranked = sorted(range(L * H), key=lambda i: (sign * flat[i], i))  # the index breaks ties: (layer, head) asc
+    return [divmod(i, H) for i in ranked[:k]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. Picture
+
+def plot_scores(scores, selected, path, title="head scores", label="score"):
+    """Save a layers x heads heatmap of `scores` to the PNG `path`, boxing the `selected` (layer, head) pairs.
+
+    label names the metric on the colour bar, e.g. "truncated entropy H^1 (query/post_ntk)".
+    """
+    # A bare Figure renders with Agg and leaves pyplot's global backend alone (safe inside notebooks).
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    scores = torch.as_tensor(scores, dtype=torch.float64).cpu().numpy()
+    L, H = scores.shape
+    fig = Figure(figsize=(min(2.5 + 0.45 * H, 16), min(1.5 + 0.25 * L, 14)), layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(scores, aspect="auto", cmap="viridis", interpolation="nearest")
+    for layer, head in selected:
+        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(0, H, max(1, math.ceil(H / 16))))
+    ax.set_yticks(range(0, L, max(1, math.ceil(L / 32))))
+    ax.set_title(f"{title}\n({len(selected)} selected heads boxed in red)" if len(selected) else title)
+    fig.savefig(path, dpi=120)
+    return path

@@ -1,0 +1,459 @@
+"""
+A single-file Llama / Qwen2 forward pass that loads real Hugging Face checkpoints.
+
+Read top to bottom: config -> RoPE (pure functions, one per context-extension scaling) -> RMSNorm -> attention
+(GQA, KV cache, chunked prefill) -> MLP -> block -> model (loading, forward, generate) -> tokenizer.
+
+RoPE is written out explicitly because the DoPE paper (Xiong et al., arXiv 2511.09146) is about it: attention applies
+RoPE from cos/sin tables, and a layer may carry per-head tables (`Attention.head_rope`), which is the seam `dope.py`
+uses to denoise chosen heads without touching this file.
+
+Module and parameter names follow HF (`q_proj`, `input_layernorm`, ...) so any HF `LlamaForCausalLM` or
+`Qwen2ForCausalLM` safetensors checkpoint loads as is, strictly.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    arch: str = "llama"  # "llama" | "qwen2"
+    vocab_size: int = 32000
+    n_embd: int = 576
+    n_hidden: int = 1536  # MLP width (HF: intermediate_size)
+    n_layer: int = 30
+    n_head: int = 9
+    n_kv_head: int = 3
+    head_dim: int = 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF rope_scaling dict, or None for plain RoPE
+    max_pos: int = 8192  # native context (HF: max_position_embeddings)
+    qkv_bias: bool = False  # Qwen2 has q/k/v biases
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_ids: list = field(default_factory=list)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Config":
+        archs = d.get("architectures") or [d.get("model_type", "?")]
+        if archs[0] not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {archs[0]!r}: this model.py supports {sorted(ARCHITECTURES)}")
+        arch = ARCHITECTURES[archs[0]]
+        # transformers >= 5 writes `rope_parameters` (theta inside); older configs write rope_theta + rope_scaling
+        rp = dict(d.get("rope_parameters") or {})
+        theta = rp.pop("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = d.get("rope_scaling") or (rp if rp.get("rope_type", rp.get("type", "default")) != "default" else None)
+        eos = d.get("eos_token_id")
+        n_head = d["num_attention_heads"]
+        return cls(
+            arch=arch, vocab_size=d["vocab_size"], n_embd=d["hidden_size"], n_hidden=d["intermediate_size"],
+            n_layer=d["num_hidden_layers"], n_head=n_head, n_kv_head=d.get("num_key_value_heads", n_head),
+            head_dim=d.get("head_dim") or d["hidden_size"] // n_head, norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=scaling, max_pos=d.get("max_position_embeddings", 2048),
+            qkv_bias=arch == "qwen2" or d.get("attention_bias", False), o_bias=d.get("attention_bias", False),
+            mlp_bias=d.get("mlp_bias", False), tie_embeddings=d.get("tie_word_embeddings", False),
+            bos_token_id=d.get("bos_token_id"), eos_token_ids=eos if isinstance(eos, list) else [eos] if eos is not None else [],
+        )
+
+
+# -----------------------------------------------------------------------------
+# RoPE (v1 Eq. 8-11, v2 Eq. 1-4), half-split ("rotate_half", NeoX) layout: band f rotates dims (f, f + d/2).
+# Each scaling is a pure function returning (inverse frequencies (d/2,) float32, attention scale on cos/sin),
+# as HF's modeling_rope_utils does.
+
+
+def inv_freq_default(base: float, d: int) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # theta_f = base^(-2f/d)
+
+
+def rope_linear(base, d, factor):
+    """Position interpolation: every frequency divided by the factor."""
+    return inv_freq_default(base, d) / factor, 1.0
+
+
+def rope_ntk(base, d, factor):
+    """"Dynamic NTK" as SGLang/vLLM compute it, static for a target length a * L_native (the DoPE paper's scaling):
+    base' = base * (a*a - a + 1)^(d/(d-2))."""
+    return inv_freq_default(base * (factor * factor - factor + 1) ** (d / (d - 2)), d), 1.0
+
+
+def rope_dynamic(base, d, factor, max_pos, seq_len):
+    """HF's dynamic NTK: the base grows with the current length N; equals rope_ntk at N = a * L_native."""
+    seq_len = max(seq_len, max_pos)
+    return inv_freq_default(base * (factor * seq_len / max_pos - (factor - 1)) ** (d / (d - 2)), d), 1.0
+
+
+def rope_llama3(base, d, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3.1: divide low frequencies by the factor, keep high ones, interpolate smoothly in between."""
+    inv_freq = inv_freq_default(base, d)
+    old = original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high_freq_factor) * ~(wavelen > old / low_freq_factor)
+    return torch.where(medium, smoothed, scaled), 1.0
+
+
+def rope_yarn(base, d, factor, original_max_position_embeddings, beta_fast=32, beta_slow=1, attention_factor=None,
+              mscale=None, mscale_all_dim=None, truncate=True):
+    """YaRN (Peng et al. 2023): interpolate low frequencies, extrapolate high ones, scale attention by mscale."""
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if attention_factor is None:
+        attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) \
+            if mscale and mscale_all_dim else get_mscale(factor)
+
+    def correction_dim(n_rot):  # the dimension whose wavelength makes n_rot turns over the native context
+        return d * math.log(original_max_position_embeddings / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, d, 2).float() / d)
+    extrapolate = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq, float(attention_factor)
+
+
+def rope_params(cfg: Config, seq_len: int | None = None, scaled: bool = True) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (d/2,) and cos/sin scale for this config's rope_scaling (None or scaled=False: plain)."""
+    s = dict(cfg.rope_scaling or {}) if scaled else {}
+    kind = s.pop("rope_type", s.pop("type", "default"))
+    base, d = cfg.rope_theta, cfg.head_dim
+    if kind == "default":
+        return inv_freq_default(base, d), 1.0
+    if kind == "linear":
+        return rope_linear(base, d, s["factor"])
+    if kind == "ntk":
+        return rope_ntk(base, d, s["factor"])
+    if kind == "dynamic":
+        return rope_dynamic(base, d, s["factor"], cfg.max_pos, seq_len or cfg.max_pos)
+    if kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return rope_llama3(base, d, **{k: s[k] for k in keys})
+    if kind == "yarn":
+        s.setdefault("original_max_position_embeddings", cfg.max_pos)
+        keys = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+                "mscale_all_dim", "truncate")
+        return rope_yarn(base, d, **{k: s[k] for k in keys if s.get(k) is not None})
+    raise ValueError(f"unknown rope_scaling type {kind!r}: expected default, linear, ntk, dynamic, llama3 or yarn")
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, scale: float = 1.0):
+    """cos/sin tables (T, d) in float32 for absolute positions pos (T,)."""
+    freqs = pos[:, None].float() * inv_freq[None, :].float()  # (T, d/2): angle m * theta_f
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, d): half-split, band f at dims f and f + d/2
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def rotate_half(x):
+    d = x.shape[-1] // 2
+    return torch.cat((-x[..., d:], x[..., :d]), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """R(m) x for x (B, H, T, d) with cos/sin (T, d) or per-head (H, T, d). Rotation preserves norms and makes
+    <R(m) q, R(n) k> depend only on n - m."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# -----------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()  # the variance in float32, as HF does
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache:
+    """Rotated keys and values per layer, allocated on first write with the head count the layer writes
+    (a layer with per-head DoPE tables stores keys per query head)."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len, self.pos = max_len, 0
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+
+    def update(self, layer, k, v):  # k, v: (B, h, T, d) for positions pos .. pos + T - 1
+        B, h, T, d = k.shape
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions is full: cannot add {T} at position {self.pos}")
+        if self.k[layer] is None or self.k[layer].shape[1] != h:
+            assert self.pos == 0, "a layer's head count changed in the middle of a sequence"
+            self.k[layer] = k.new_empty(B, h, self.max_len, d)
+            self.v[layer] = v.new_empty(B, h, self.max_len, d)
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        assert cfg.n_head % cfg.n_kv_head == 0, f"{cfg.n_head} query heads cannot share {cfg.n_kv_head} KV heads"
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.o_bias)
+        # Optional per-head RoPE: a callable (cos, sin, pos) -> (cos, sin) of shape (n_head, T, d). dope.py sets it.
+        self.head_rope = None
+
+    def forward(self, x, cos, sin, pos, cache=None, observer=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        if observer is not None:  # entropy.py reads q and k before rotation
+            observer(self.layer, q, k, pos)
+        if self.head_rope is not None:
+            # Per-head tables: a key is rotated for each query head it serves, so expand the GQA groups first.
+            cos, sin = self.head_rope(cos, sin, pos)  # (H, T, d)
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, T, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, h, S, d), S = cached + T
+        S = k.shape[2]
+        mask = None
+        if T > 1 and S > T:
+            # A chunk of T new queries meets S cached keys: query i sits at S - T + i, so is_causal (which aligns
+            # the mask to the top-left corner) would be wrong. Build the bottom-right-aligned mask explicitly.
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=k.shape[1] != self.n_head)  # (B, H, T, d)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.n_hidden, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.n_hidden, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.n_hidden, cfg.n_embd, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, pos, cache=None, observer=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, observer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        rope_params(cfg)  # fail now, not at the first forward, on an unknown or incomplete rope_scaling
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def rope_inv_freq(self, scaled: bool = True, seq_len: int | None = None) -> torch.Tensor:
+        """Inverse frequencies (d/2,) in use (scaled=True) or of the original base (scaled=False)."""
+        return rope_params(self.config, seq_len, scaled)[0]
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        return KVCache(self.config.n_layer, max_len or self.config.max_pos)
+
+    def forward(self, idx, cache=None, all_logits=False, observer=None):
+        """Logits (B, T, vocab) if all_logits, else (B, 1, vocab) for the last position only. With a cache, idx
+        continues the cached sequence (chunked prefill or decode)."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,) absolute positions
+        inv_freq, scale = rope_params(self.config, start + T)
+        cos, sin = rope_cos_sin(inv_freq.to(idx.device), pos, scale)  # (T, d) float32
+        x = self.embed_tokens(idx)  # (B, T, C)
+        for block in self.layers:
+            x = block(x, cos, sin, pos, cache, observer)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm(x if all_logits else x[:, -1:])  # the LM head on the last position only, at inference
+        return self.lm_head(x).float()  # (B, T or 1, vocab)
+
+    @torch.inference_mode()
+    def prefill(self, idx, cache, chunk: int = 2048, observer=None, progress=None):
+        """Run idx (B, T) into the cache chunk by chunk; returns the last position's logits (B, 1, vocab).
+        Memory grows with chunk * T, never T * T."""
+        logits = None
+        for i in range(0, idx.shape[1], chunk):
+            logits = self(idx[:, i:i + chunk], cache=cache, observer=observer)
+            if progress is not None:
+                progress.update(min(chunk, idx.shape[1] - i))
+        return logits
+
+    @torch.inference_mode()
+    def generate(self, idx, max_new_tokens: int, stop_tokens=(), chunk: int = 2048, cache=None):
+        """Greedy decoding of one sequence idx (1, T). Returns the new token ids (stop token excluded)."""
+        assert idx.shape[0] == 1, "generate() decodes one sequence at a time"
+        cache = cache or self.new_cache(1, idx.shape[1] + max_new_tokens)
+        logits = self.prefill(idx, cache, chunk)
+        out = []
+        for _ in range(max_new_tokens):
+            tok = int(logits[0, -1].argmax())
+            if tok in stop_tokens:
+                break
+            out.append(tok)
+            logits = self(torch.tensor([[tok]], device=idx.device), cache=cache)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", rope_scaling=None) -> "Transformer":
+        """Load an HF Llama/Qwen2 folder (config.json + model.safetensors or a sharded index). rope_scaling
+        overrides the config's, e.g. {"rope_type": "ntk", "factor": 8.0} for the DoPE paper's 64K setup."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no config.json in {path} (see weights.md for how to get weights)")
+        cfg = Config.from_hf(json.loads((path / "config.json").read_text()))
+        if rope_scaling is not None:
+            cfg.rope_scaling = rope_scaling or None
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(load_safetensors(path), strict=True, assign=True)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model.to(device=device, dtype=dtype).eval()
+
+    def load_state_dict(self, sd, strict=True, assign=False):
+        """Strict loading with errors that name the offending tensors."""
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}
+        if self.config.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        own = {k: v for k, v in self.state_dict().items() if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in sd and sd[k].shape != own[k].shape]
+        if strict and (missing or unexpected or shapes):
+            raise ValueError("checkpoint does not match the config:" + "".join(
+                f"\n  {what}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+                for what, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if names))
+        return super().load_state_dict(sd, strict=False, assign=assign)
+
+
+def load_safetensors(path: Path) -> dict:
+    """All tensors of model.safetensors, or of every shard named in model.safetensors.index.json. No pickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    sd = {}
+    for name in files:
+        f = path / name
+        if not f.is_file():
+            raise FileNotFoundError(f"missing weights file {f}")
+        try:
+            sd.update(load_file(f))
+        except SafetensorError as e:
+            raise ValueError(f"corrupt safetensors file {f}: {e}") from e
+    return sd
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: the `tokenizers` library reads tokenizer.json; jinja2 renders the chat template.
+
+
+class Tokenizer:
+    def __init__(self, path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {path}")
+        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        tc = path / "tokenizer_config.json"
+        self.config = json.loads(tc.read_text()) if tc.is_file() else {}
+        self.bos_token, self.eos_token = self._str(self.config.get("bos_token")), self._str(self.config.get("eos_token"))
+        self.eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
+
+    @staticmethod
+    def _str(t):
+        return t.get("content") if isinstance(t, dict) else t
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render the checkpoint's chat template (jinja2, sandboxed, as HF does)."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template = self.config.get("chat_template")
+        if not template:
+            raise ValueError("tokenizer_config.json has no chat_template")
+
+        def raise_exception(msg):
+            raise ValueError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+
+    p = argparse.ArgumentParser(description="Chat with a checkpoint through model.py")
+    p.add_argument("--model", default="weights/SmolLM2-135M-Instruct")
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    a = p.parse_args()
+    tok = Tokenizer(a.model)
+    model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
+    ids = tok.encode(tok.chat([{"role": "user", "content": a.prompt}]))
+    t0 = time.time()
+    out = model.generate(torch.tensor([ids]), a.max_new_tokens, stop_tokens={tok.eos_id, *model.config.eos_token_ids})
+    print(tok.decode(out))
+    print(f"[{len(ids)} prompt tokens, {len(out)} new tokens in {time.time() - t0:.1f}s]")
