@@ -226,7 +226,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.o_bias)
-        # Optional per-head RoPE: a callable (cos, sin, pos) -> (cos, sin) of shape (n_head, T, d). dope.py sets it.
+        # Optional per-head RoPE: a callable (cos, sin, pos) -> (cos, sin, add) with cos/sin (n_head, T, d) and add
+        # None or (2, n_head, T, d) added to q and k after rotation. dope.py sets it; None means plain RoPE.
         self.head_rope = None
 
     def forward(self, x, cos, sin, pos, cache=None, observer=None):
@@ -236,12 +237,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         if observer is not None:  # entropy.py reads q and k before rotation
             observer(self.layer, q, k, pos)
+        add = None
         if self.head_rope is not None:
             # Per-head tables: a key is rotated for each query head it serves, so expand the GQA groups first.
-            cos, sin = self.head_rope(cos, sin, pos)  # (H, T, d)
+            cos, sin, add = self.head_rope(cos, sin, pos)  # (H, T, d) each; add: None or (2, H, T, d)
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, T, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if add is not None:  # DoPE's v1 additive Gaussian ablation
+            q, k = q + add[0].to(q.dtype), k + add[1].to(k.dtype)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, h, S, d), S = cached + T
         S = k.shape[2]

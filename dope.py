@@ -1,0 +1,165 @@
+"""
+DoPE: the three training-free denoisings of RoPE (Xiong et al., "DoPE: Denoising Rotary Position Embedding",
+arXiv 2511.09146), as transformations of per-head cos/sin tables.
+
+Attention applies RoPE as x * cos + rotate_half(x) * sin (half-split layout: band f rotates dims f and f + d/2).
+A head selected by entropy.py (m_h = 0 in v1 Eq. 32-37 / v2 Eq. 13-17) gets different tables; every other head keeps
+the (NTK-scaled) RoPE. Following the paper's prose and v2 Figure 1 (see shared/DOPE_METHOD.md section 4), "remove the
+positional encoding" means the identity rotation (cos = 1, sin = 0), which keeps the q/k content:
+
+- by-parts (v1 Eq. 32-34, v2 Eq. 13-15): no rotation on the low-frequency bands, theta_f <= 2 pi / L_native.
+- by-all   (v1 Eq. 35,    v2 Eq. 16):    no rotation on the whole head (a NoPE head).
+- by-Gaussian (v1 Eq. 36-37, v2 Eq. 17): cos and sin replaced by i.i.d. N(0, sigma^2) draws.
+
+The same tables rotate the head's query and its key (a key shared by a GQA group is rotated once per query head).
+This file does not import model.py: `apply_dope` needs only a model whose attention layers have a `head_rope` slot,
+called as head_rope(cos (T, d), sin (T, d), pos (T,)) -> (cos (H, T, d), sin (H, T, d), add or None).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+VARIANTS = ("parts", "all", "gaussian")
+
+
+# -----------------------------------------------------------------------------
+# Which bands are "low frequency"
+
+
+def low_freq_bands(inv_freq: torch.Tensor, native_len: int) -> torch.Tensor:
+    """Bands f whose angle theta_f (from the base actually in use, e.g. NTK-scaled) turns less than once over the
+    native context: theta_f <= 2 pi / L_native (v1 Eq. 33, v2 Eq. 14). Returns a bool mask (d/2,)."""
+    return inv_freq <= 2 * math.pi / native_len
+
+
+def band_dims(bands: torch.Tensor) -> torch.Tensor:
+    """Band mask (d/2,) -> dim mask (d,) in the half-split layout: band f is dims f and f + d/2."""
+    return torch.cat((bands, bands))
+
+
+# -----------------------------------------------------------------------------
+# The three denoisings, on the tables of one head: cos, sin (T, d) -> (T, d)
+
+
+def by_parts(cos, sin, dims: torch.Tensor, zero: bool = False):
+    """No rotation on the masked dims (cos = 1, sin = 0); zero=True: the literal m_h zeroing of those dims."""
+    return cos.masked_fill(dims, 0.0 if zero else 1.0), sin.masked_fill(dims, 0.0)
+
+
+def by_all(cos, sin, zero: bool = False):
+    """A NoPE head (cos = 1, sin = 0); zero=True: the literal m_h * q, m_h * k (q = k = 0: uniform attention)."""
+    return torch.full_like(cos, 0.0 if zero else 1.0), torch.zeros_like(sin)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons), a well-mixed 32-bit integer hash, in int64 arithmetic: products wrap mod 2^64 and
+    the mask keeps the low 32 bits, which are exact. The same function is easy to write in a Triton kernel."""
+    m = 0xFFFFFFFF
+    x = x & m
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & m
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def gaussian(seed: int, layer: int, head: int, stream: int, pos: torch.Tensor, d: int, sigma: float = 1.0):
+    """N(0, sigma^2) draws (T, d) float32, a pure function of (seed, layer, head, stream, position, dim): prefill and
+    cached decode see the same numbers, on any device and in any chunking. Box-Muller on two hashed uniforms."""
+    key = int(_hash32(_hash32(_hash32(_hash32(torch.tensor(seed)) ^ layer) ^ head) ^ stream))
+    counter = (pos.long()[:, None].cpu() * d + torch.arange(d)[None, :]) * 2  # (T, d), two uniforms per draw
+    u1 = (_hash32(_hash32(counter) ^ key).double() + 0.5) / 2**32  # in (0, 1)
+    u2 = (_hash32(_hash32(counter + 1) ^ key).double() + 0.5) / 2**32
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+    return (sigma * z).float().to(pos.device)
+
+
+# -----------------------------------------------------------------------------
+# A plan for the whole model, and the per-layer table function it installs
+
+
+@dataclass
+class DopePlan:
+    """What to denoise. heads: (layer, query head) pairs, e.g. from entropy.select_heads.
+
+    Options (all documented ablations; defaults follow shared/DOPE_METHOD.md):
+      zero: by-parts / by-all zero the q/k dims instead of leaving them unrotated.
+      gaussian_form: "replace" (default: cos, sin := eps_c, eps_s), "v2" (multiplicative, q' = eps * R q, v2 Eq. 17),
+                     "v1" (additive replacement, q' = eps, k' = eps', v1 Eq. 36-37: the head's content is dropped).
+      native_len: L_native for the by-parts band threshold (default: the model's native context).
+    """
+    heads: list
+    variant: str = "parts"
+    zero: bool = False
+    gaussian_form: str = "replace"
+    sigma: float = 1.0
+    seed: int = 42
+    native_len: int | None = None
+    bands: torch.Tensor | None = field(default=None, repr=False)  # filled in by apply_dope for by-parts
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown DoPE variant {self.variant!r}: expected one of {VARIANTS}")
+        if self.gaussian_form not in ("replace", "v1", "v2"):
+            raise ValueError(f"unknown gaussian_form {self.gaussian_form!r}: expected replace, v1 or v2")
+        self.heads = sorted({(int(layer), int(h)) for layer, h in self.heads})
+
+
+class HeadRope:
+    """The per-head tables of one layer: heads in `heads` are denoised, the rest get the model's tables unchanged."""
+
+    def __init__(self, plan: DopePlan, layer: int, heads: list, n_head: int):
+        self.plan, self.layer, self.heads, self.n_head = plan, layer, heads, n_head
+
+    def __call__(self, cos, sin, pos):
+        T, d = cos.shape
+        cos, sin = cos.expand(self.n_head, T, d).clone(), sin.expand(self.n_head, T, d).clone()  # (H, T, d)
+        add = None
+        p = self.plan
+        for h in self.heads:
+            if p.variant == "parts":
+                cos[h], sin[h] = by_parts(cos[h], sin[h], band_dims(p.bands).to(cos.device), p.zero)
+            elif p.variant == "all":
+                cos[h], sin[h] = by_all(cos[h], sin[h], p.zero)
+            elif p.gaussian_form == "replace":
+                cos[h], sin[h] = (gaussian(p.seed, self.layer, h, s, pos, d, p.sigma) for s in (0, 1))
+            elif p.gaussian_form == "v2":  # eps * (q cos + rot(q) sin): one draw scales both terms
+                eps = gaussian(p.seed, self.layer, h, 0, pos, d, p.sigma)
+                cos[h], sin[h] = eps * cos[h], eps * sin[h]
+            else:  # v1: rotate nothing, keep nothing, add independent draws for q and k
+                cos[h], sin[h] = 0.0, 0.0
+                if add is None:
+                    add = torch.zeros(2, self.n_head, T, d, device=cos.device)  # (q or k, H, T, d)
+                add[0, h] = gaussian(p.seed, self.layer, h, 2, pos, d, p.sigma)
+                add[1, h] = gaussian(p.seed, self.layer, h, 3, pos, d, p.sigma)
+        return cos, sin, add
+
+
+def attention_layers(model):
+    return [block.self_attn for block in model.layers]
+
+
+def apply_dope(model, plan: DopePlan, inv_freq: torch.Tensor | None = None):
+    """Make `model` run DoPE on plan.heads (in place; returns the model). inv_freq: the frequencies in use
+    (default model.rope_inv_freq()), which decide the by-parts bands. Undo with remove_dope."""
+    attn = attention_layers(model)
+    n_layer, n_head = len(attn), attn[0].n_head
+    bad = [(layer, h) for layer, h in plan.heads if not (0 <= layer < n_layer and 0 <= h < n_head)]
+    if bad:
+        raise ValueError(f"heads {bad} do not exist: the model has {n_layer} layers x {n_head} heads")
+    if plan.variant == "parts":
+        inv_freq = model.rope_inv_freq() if inv_freq is None else inv_freq
+        plan.bands = low_freq_bands(inv_freq, plan.native_len or model.config.max_pos)
+    remove_dope(model)
+    for layer in sorted({layer for layer, _ in plan.heads}):
+        attn[layer].head_rope = HeadRope(plan, layer, [h for lay, h in plan.heads if lay == layer], n_head)
+    return model
+
+
+def remove_dope(model):
+    """Back to plain RoPE on every head."""
+    for a in attention_layers(model):
+        a.head_rope = None
+    return model
