@@ -159,24 +159,29 @@ def mean_scores(scores):
 # 2. Streaming Grams
 
 def rope_cos_sin(pos, inv_freq):
-    """cos and sin tables (T, d) of half-split RoPE (v1 Eq. 8-11, v2 Eq. 1-4), computed in float32 as HF does.
+    """cos and sin tables (T, d/2) of RoPE (v1 Eq. 8-11, v2 Eq. 1-4), angles computed in float32 as HF does.
 
-    pos: (T,) absolute positions; inv_freq: (d/2,) theta_f. Band f rotates dims (f, f + d/2), hence the cat.
+    pos: (T,) absolute positions; inv_freq: (d/2,) theta_f. HF stores the same tables twice side by side,
+    cat(freqs, freqs), because in the half-split layout band f rotates dims (f, f + d/2); one copy suffices here.
     """
     freqs = pos.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # (T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
-    return emb.cos(), emb.sin()
-
-
-def rotate_half(x):
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dim: the 90-degree turn of every band at once."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return freqs.cos(), freqs.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (..., T, d) by the tables (T, d): x cos + rotate_half(x) sin (HF's apply_rotary_pos_emb)."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate x (..., T, d) by the half tables (T, d/2) in the half-split ("rotate_half", NeoX) layout.
+
+    The same as HF's x * cat(cos, cos) + rotate_half(x) * cat(sin, sin) with rotate_half(x) = cat(-x2, x1), written
+    on the two halves x = (x1, x2): (x1 cos - x2 sin, x2 cos + x1 sin). It makes one output and no temporaries, which
+    matters because this runs in every layer of every chunk. The output has the promoted dtype of x and the tables,
+    so float32 activations with float64 tables are rotated in float64 without a separate cast.
+    """
+    x1, x2 = x.chunk(2, dim=-1)  # (..., T, d/2) each
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype))  # (..., T, d)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)  # x2 cos + x1 sin
+    return out
 
 
 class GramAccumulator:
@@ -230,7 +235,7 @@ class GramAccumulator:
             self._pos = pos.clone()
             self._tables = {}
             for where in ("post_ntk", "post_rope"):
-                cos, sin = rope_cos_sin(pos, self.inv_freq[where])  # float32 (T, d)
+                cos, sin = rope_cos_sin(pos, self.inv_freq[where])  # float32 (T, d/2)
                 self._tables[where] = (cos.to(self.gram_dtype), sin.to(self.gram_dtype))
         return self._tables
 
@@ -246,17 +251,17 @@ class GramAccumulator:
             wanted = [c for c in self.criteria if c.startswith(kind)]
             if not wanted:
                 continue
-            x = x.to(self.gram_dtype)  # (B, h, T, d)
             if self.preprocess == "uncomp":
                 # UNComp: unit rows. Rotation preserves norms, so normalising before rotating is the same.
-                x = x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+                x = x.to(self.gram_dtype)
+                x = x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)  # (B, h, T, d)
             for c in wanted:
                 where = c.split("/")[1]
                 if where == "pre_ntk":
-                    xr = x
+                    xr = x.to(self.gram_dtype)  # (B, h, T, d)
                 else:
                     tables = tables or self._cos_sin(pos)
-                    xr = apply_rope(x, *tables[where])  # (B, h, T, d)
+                    xr = apply_rope(x, *tables[where])  # (B, h, T, d), in gram_dtype
                 # One batched matmul over (batch, heads); the sum over the batch is the sum over its tokens.
                 self.S[c][layer] += (xr.mT @ xr).sum(0).to(torch.float64)  # (h, d, d)
                 if self.s is not None:

@@ -180,6 +180,39 @@ def apply_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
+def rope_qk(q, k, cos, sin, pos, head_rope=None):
+    """Rotate queries (B, H, T, d) and keys (B, Hkv, T, d) with shared tables (T, d), or with per-head tables from
+    head_rope(cos, sin, pos) -> (cos, sin, add) of shape (H, T, d). Per-head tables rotate a shared key once for
+    each query head it serves, so the keys come back expanded to (B, H, T, d)."""
+    if head_rope is None:
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    cos, sin, add = head_rope(cos, sin, pos)  # (H, T, d) each; add: None or (2, H, T, d)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, T, d)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if add is not None:  # DoPE's v1 additive Gaussian ablation
+        q, k = q + add[0].to(q.dtype), k + add[1].to(k.dtype)
+    return q, k
+
+
+USE_KERNEL = "auto"  # "auto": the Triton kernel (kernels.py) on CUDA tensors when triton imports; True; False
+kernels = None
+
+
+def use_kernel(x) -> bool:
+    global kernels
+    if USE_KERNEL is False or (USE_KERNEL == "auto" and not x.is_cuda):
+        return False
+    if kernels is None:
+        try:
+            import kernels as k
+        except ImportError:  # no triton: the eager path is the same math
+            if USE_KERNEL is True:
+                raise
+            return False
+        kernels = k
+    return kernels.available()
+
+
 # -----------------------------------------------------------------------------
 # Layers
 
@@ -237,15 +270,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         if observer is not None:  # entropy.py reads q and k before rotation
             observer(self.layer, q, k, pos)
-        add = None
-        if self.head_rope is not None:
-            # Per-head tables: a key is rotated for each query head it serves, so expand the GQA groups first.
-            cos, sin, add = self.head_rope(cos, sin, pos)  # (H, T, d) each; add: None or (2, H, T, d)
-            rep = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, T, d)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if add is not None:  # DoPE's v1 additive Gaussian ablation
-            q, k = q + add[0].to(q.dtype), k + add[1].to(k.dtype)
+        rope = kernels.rope_qk if use_kernel(q) else rope_qk  # the fused Triton kernel on a GPU, else eager
+        q, k = rope(q, k, cos, sin, pos, self.head_rope)  # (B, H, T, d), (B, Hkv or H, T, d)
+        if k.shape[1] != v.shape[1]:  # keys came back per query head (DoPE): values follow
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, T, d)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, h, S, d), S = cached + T
         S = k.shape[2]
