@@ -263,7 +263,7 @@ class Attention(nn.Module):
         # None or (2, n_head, T, d) added to q and k after rotation. dope.py sets it; None means plain RoPE.
         self.head_rope = None
 
-    def forward(self, x, cos, sin, pos, cache=None, observer=None):
+    def forward(self, x, cos, sin, pos, cache=None, observer=None, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
@@ -276,12 +276,6 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, T, d)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, h, S, d), S = cached + T
-        S = k.shape[2]
-        mask = None
-        if T > 1 and S > T:
-            # A chunk of T new queries meets S cached keys: query i sits at S - T + i, so is_causal (which aligns
-            # the mask to the top-left corner) would be wrong. Build the bottom-right-aligned mask explicitly.
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=k.shape[1] != self.n_head)  # (B, H, T, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
@@ -306,8 +300,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pos, cache=None, observer=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, observer)
+    def forward(self, x, cos, sin, pos, cache=None, observer=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, observer, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -343,8 +337,15 @@ class Transformer(nn.Module):
         inv_freq, scale = rope_params(self.config, start + T)
         cos, sin = rope_cos_sin(inv_freq.to(idx.device), pos, scale)  # (T, d) float32
         x = self.embed_tokens(idx)  # (B, T, C)
+        mask = None
+        if T > 1 and start > 0:
+            # A chunk of T new queries meets start + T keys: query i sits at start + i, so SDPA's is_causal (which
+            # aligns the mask to the top-left corner) would be wrong. Build the bottom-right-aligned mask once, as
+            # an additive float mask so SDPA does not convert it again in every layer. Size T x S, never S x S.
+            keep = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+            mask = torch.zeros(T, start + T, dtype=x.dtype, device=idx.device).masked_fill_(~keep, float("-inf"))
         for block in self.layers:
-            x = block(x, cos, sin, pos, cache, observer)
+            x = block(x, cos, sin, pos, cache, observer, mask)
         if cache is not None:
             cache.pos += T
         x = self.norm(x if all_logits else x[:, -1:])  # the LM head on the last position only, at inference
