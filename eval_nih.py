@@ -232,7 +232,11 @@ def run(args):
             if factor else "no scaling"
         print(f"== {args.model_name} at {length} tokens ({length / native:.2f}x native {native}), {ntk}, "
               f"~{need / 2**30:.1f} GiB")
-        calib = calibrate(model, builder, length, args, out) if set(args.variant) - {"none"} else None
+        calib = calibrate(model, builder, length, args, out) if set(args.variant) - {"none"} or args.report_heads \
+            else None
+        if args.report_heads:
+            report_heads(calib, length, args, out)
+            continue
         plans = {v: plan_for(v, calib, args, length, out) for v in args.variant}
         for v, (plan, rule) in plans.items():
             if plan is not None:
@@ -271,6 +275,26 @@ def run(args):
             all_rows.append(rec)
     summarize(all_rows, args, out)
     return all_rows
+
+
+def report_heads(calib, length, args, out: Path):
+    """The spectral share p1 per layer (min / median / max over heads) for each criterion, and the heads each
+    variant's rule picks: what the detector sees on this model (DOPE_METHOD.md Sec. 2)."""
+    print(f"   calibration pass: {calib['seconds']:.0f} s")
+    for crit in ("query/post_ntk", "key/post_ntk", "query/pre_ntk"):
+        p1 = entropy.head_scores(calib["grams"][crit], "spectral")  # (L, H)
+        spike = (p1 >= 1 / math.e).float().mean().item()
+        print(f"   p1 = ||S||_2 / tr S, {crit}: {100 * spike:.0f}% of heads in the spike regime p1 >= 1/e")
+        print("   layer " + " ".join(f"{i:>4}" for i in range(p1.shape[0])))
+        for name, f in (("min", lambda x: x.min(-1).values), ("median", lambda x: x.median(-1).values),
+                        ("max", lambda x: x.max(-1).values)):
+            print(f"   {name:>5} " + " ".join(f"{v:4.2f}" for v in f(p1).tolist()))
+        entropy.plot_scores(p1, [], out / f"p1_{length}_{crit.replace('/', '_')}.png",
+                            title=f"{args.model_name} at {length} tokens", label=f"spectral share p1 ({crit})")
+    for v in ("parts", "all", "gaussian"):
+        plan, rule = plan_for(v, calib, args, length, out)
+        print(f"   DoPE-{v}: {rule} -> heads {plan.heads}")
+    print(f"   plots: {out}/p1_{length}_*.png, {out}/heads_{length}_*.png")
 
 
 def depths(n: int):
@@ -354,6 +378,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (memory grows with chunk x length)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--report-heads", action="store_true",
+                   help="only calibrate: print p1 per layer and the heads each rule picks, save the heatmaps")
     p.add_argument("--out", default="results/nih", help="folder for results.jsonl, plots and calibration")
     a = p.parse_args(argv)
     bad = [v for v in a.variant if v not in VARIANTS]
