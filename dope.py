@@ -69,11 +69,11 @@ def gaussian(seed: int, layer: int, head: int, stream: int, pos: torch.Tensor, d
     """N(0, sigma^2) draws (T, d) float32, a pure function of (seed, layer, head, stream, position, dim): prefill and
     cached decode see the same numbers, on any device and in any chunking. Box-Muller on two hashed uniforms."""
     key = int(_hash32(_hash32(_hash32(_hash32(torch.tensor(seed)) ^ layer) ^ head) ^ stream))
-    counter = (pos.long()[:, None].cpu() * d + torch.arange(d)[None, :]) * 2  # (T, d), two uniforms per draw
+    counter = (pos.long()[:, None] * d + torch.arange(d, device=pos.device)[None, :]) * 2  # (T, d): 2 uniforms/draw
     u1 = (_hash32(_hash32(counter) ^ key).double() + 0.5) / 2**32  # in (0, 1)
     u2 = (_hash32(_hash32(counter + 1) ^ key).double() + 0.5) / 2**32
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
-    return (sigma * z).float().to(pos.device)
+    return (sigma * z).float()
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,304 @@
+"""kernels.py: the fused Triton RoPE against model.rope_qk, the eager reference (Liger-Kernel's test matrix: odd shapes,
+GQA, per-dtype tolerances), every DoPE plan, and a whole tiny model with the kernel on and off.
+
+On a machine without CUDA the kernel runs in Triton's interpreter (numpy, slow: shapes stay small). Triton reads
+TRITON_INTERPRET when @triton.jit runs, i.e. when kernels.py is imported, not when triton is imported; so it is set
+here before `import kernels`, and if another test module imported kernels first (compiled mode), it is reloaded.
+"""
+
+import os
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed: kernels.py is optional (pip install triton)")
+
+import dope  # noqa: E402
+import kernels  # noqa: E402
+import model  # noqa: E402
+from dope import DopePlan, HeadRope, apply_dope, low_freq_bands, remove_dope  # noqa: E402
+from tiny import hf_tiny, ours  # noqa: E402
+
+if DEVICE == "cpu" and not kernels.interpreted():  # imported by an earlier test module without the variable
+    kernels = importlib.reload(kernels)
+
+ROOT = Path(__file__).resolve().parents[1]
+# Liger-Kernel's tolerances on values (atol); rtol covers the larger values of the Gaussian tables
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (1e-1, 1e-2)}
+LAYER = 3
+
+
+def qk(B, H, Hkv, T, d, dtype, seed=0):
+    """q (B, H, T, d), k (B, Hkv, T, d) laid out as model.py makes them: (B, T, H, d) memory, transposed."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, d, generator=g).transpose(1, 2)
+    k = torch.randn(B, T, Hkv, d, generator=g).transpose(1, 2)
+    return q.to(DEVICE, dtype), k.to(DEVICE, dtype)
+
+
+def tables(d, pos, scale=1.0):
+    inv_freq = model.inv_freq_default(10000.0, d).to(DEVICE)
+    return inv_freq, *model.rope_cos_sin(inv_freq, pos, scale)
+
+
+def fused(source, q, k, inv_freq, cos, sin, pos, scale, head_rope=None):
+    if source == "tables":
+        return kernels.rope_qk(q, k, cos, sin, pos, head_rope)
+    return kernels.rope_qk_from_freqs(q, k, inv_freq, pos, scale, head_rope)
+
+
+def assert_same(got, ref, dtype):
+    atol, rtol = TOL[dtype]
+    for g, r, name in zip(got, ref, "qk"):
+        assert g.shape == r.shape and g.dtype == r.dtype, f"{name}: {g.shape} {g.dtype} vs {r.shape} {r.dtype}"
+        torch.testing.assert_close(g, r, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def test_available_under_the_interpreter_or_cuda():
+    assert kernels.available()
+    assert kernels.interpreted() == (os.environ.get("TRITON_INTERPRET") == "1")
+
+
+# -----------------------------------------------------------------------------
+# The kernel against model.rope_qk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("H, Hkv", [(4, 2), (2, 2), (4, 1)], ids=["gqa", "mha", "one_kv"])
+@pytest.mark.parametrize("T", [1, 7, 33, 100])
+@pytest.mark.parametrize("source", ["tables", "freqs"])
+def test_plain_rope_matches_eager(source, T, H, Hkv, d, dtype):
+    q, k = qk(2, H, Hkv, T, d, dtype)
+    pos = torch.arange(T, device=DEVICE)
+    inv_freq, cos, sin = tables(d, pos, 1.25)  # a YaRN-like attention scale inside the tables
+    got = fused(source, q, k, inv_freq, cos, sin, pos, 1.25)
+    assert_same(got, model.rope_qk(q, k, cos, sin, pos), dtype)
+
+
+@pytest.mark.parametrize("source", ["tables", "freqs"])
+@pytest.mark.parametrize("start", [1000, 2**20 + 3])
+@pytest.mark.parametrize("T", [1, 7])
+def test_cached_decode_positions(source, T, start):
+    """A chunk continuing a cache: tables row t is position pos[t] = start + t, not t."""
+    q, k = qk(1, 4, 2, T, 64, torch.float32, seed=1)
+    pos = torch.arange(start, start + T, device=DEVICE)
+    inv_freq, cos, sin = tables(64, pos)
+    got = fused(source, q, k, inv_freq, cos, sin, pos, 1.0)
+    assert_same(got, model.rope_qk(q, k, cos, sin, pos), torch.float32)
+
+
+def test_contiguous_inputs_and_batch():
+    q, k = (x.contiguous() for x in qk(3, 4, 2, 9, 64, torch.float32, seed=2))
+    pos = torch.arange(9, device=DEVICE)
+    _, cos, sin = tables(64, pos)
+    assert_same(kernels.rope_qk(q, k, cos, sin, pos), model.rope_qk(q, k, cos, sin, pos), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_rounds_once(dtype):
+    """The kernel computes in float32 and rounds once on the store: within half a unit in the last place of the dtype
+    of the exact result, which the eager path (tables cast to the dtype, a rounding after each op) is not; hence
+    the looser tolerances of the comparisons with eager in fp16/bf16."""
+    q, k = qk(1, 4, 2, 33, 64, dtype, seed=3)
+    pos = torch.arange(100, 133, device=DEVICE)
+    _, cos, sin = tables(64, pos)
+    exact = model.rope_qk(q.float(), k.float(), cos, sin, pos)
+    got = kernels.rope_qk(q, k, cos, sin, pos)
+    # Triton's interpreter converts float32 -> bfloat16 by truncation (triton/runtime/interpreter.py, _convert_float
+    # without a rounding mode): one ulp there; a GPU rounds to nearest, half an ulp.
+    ulp = 1.0 if dtype == torch.bfloat16 and kernels.interpreted() else 0.5
+    for g, e in zip(got, exact):
+        torch.testing.assert_close(g.float(), e, atol=1e-6, rtol=ulp * torch.finfo(dtype).eps + 1e-6)
+
+
+def test_grad_falls_back_to_eager():
+    """The kernel is forward only: with gradients required the result is the eager one, with a graph."""
+    q, k = (x.requires_grad_() for x in qk(1, 4, 2, 7, 64, torch.float32, seed=4))
+    pos = torch.arange(7, device=DEVICE)
+    _, cos, sin = tables(64, pos)
+    got = kernels.rope_qk(q, k, cos, sin, pos)
+    assert all(g.grad_fn is not None for g in got)
+    assert_same(got, model.rope_qk(q, k, cos, sin, pos), torch.float32)
+
+
+# -----------------------------------------------------------------------------
+# DoPE inside the kernel (modes) and in table mode (the other options)
+
+# heads 1 and 2 of 4 with 2 KV heads: each KV group has one selected head and one plain head
+PLANS = {
+    "parts": dict(variant="parts"),
+    "all": dict(variant="all"),
+    "gaussian": dict(variant="gaussian"),
+    "gaussian_sigma": dict(variant="gaussian", sigma=0.5, seed=2**32 - 5),  # seed >= 2^31 after masking
+    "parts_zero": dict(variant="parts", zero=True),  # table mode
+    "all_zero": dict(variant="all", zero=True),  # table mode
+    "gaussian_v2": dict(variant="gaussian", gaussian_form="v2"),  # table mode
+    "gaussian_v1": dict(variant="gaussian", gaussian_form="v1"),  # table mode, plus the additive draws
+}
+
+
+def head_rope(name, inv_freq, heads=(1, 2), n_head=4):
+    plan = DopePlan([(LAYER, h) for h in heads], **PLANS[name])
+    plan.bands = low_freq_bands(inv_freq.cpu(), native_len=64)
+    assert plan.bands.any() and not plan.bands.all(), "a real band mask: some bands denoised, some not"
+    return HeadRope(plan, LAYER, list(heads), n_head)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T, start, d", [(1, 1000, 64), (7, 1000, 128), (33, 0, 64)])
+@pytest.mark.parametrize("source", ["tables", "freqs"])
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_dope_matches_eager(plan, source, T, start, d, dtype):
+    q, k = qk(2, 4, 2, T, d, dtype, seed=5)
+    pos = torch.arange(start, start + T, device=DEVICE)
+    inv_freq, cos, sin = tables(d, pos)
+    hr = head_rope(plan, inv_freq)
+    in_kernel = kernels.dope_args(hr, 4, d, q.device) is not None
+    assert in_kernel == (plan in ("parts", "all", "gaussian", "gaussian_sigma"))
+    got = fused(source, q, k, inv_freq, cos, sin, pos, 1.0, hr)
+    assert got[1].shape == (2, 4, T, d), "keys come back per query head"
+    assert_same(got, model.rope_qk(q, k, cos, sin, pos, hr), dtype)
+
+
+def test_custom_head_rope_runs_in_table_mode():
+    """Any callable (cos, sin, pos) -> (cos, sin, add) works: its per-head tables are read by the kernel."""
+    def scaled_heads(cos, sin, pos):  # arbitrary per-head tables: head h scales cos by h + 1 and sin by 1 / (h + 1)
+        return (torch.stack([cos * (h + 1) for h in range(4)]), torch.stack([sin / (h + 1) for h in range(4)]), None)
+
+    q, k = qk(1, 4, 1, 7, 64, torch.float32, seed=6)
+    pos = torch.arange(7, device=DEVICE)
+    _, cos, sin = tables(64, pos)
+    assert_same(kernels.rope_qk(q, k, cos, sin, pos, scaled_heads),
+                model.rope_qk(q, k, cos, sin, pos, scaled_heads), torch.float32)
+
+
+@pytest.mark.parametrize("plan", [None, "parts", "gaussian"])
+def test_head_dim_not_a_power_of_two(plan):
+    """d = 80: d/2 = 40 bands in a block of 64, the rest masked."""
+    q, k = qk(1, 4, 2, 7, 80, torch.float32, seed=8)
+    pos = torch.arange(50, 57, device=DEVICE)
+    inv_freq, cos, sin = tables(80, pos)
+    hr = plan and head_rope(plan, inv_freq)
+    assert_same(kernels.rope_qk(q, k, cos, sin, pos, hr), model.rope_qk(q, k, cos, sin, pos, hr), torch.float32)
+
+
+@pytest.mark.parametrize("start", [0, 2**26 + 12345])
+def test_gaussian_draws_match_dope_within_float32_ulps(start):
+    """The in-kernel hash + Box-Muller (float32) gives dope.gaussian's float64 draws to within 3 float32 ulps, also
+    past 2^32 / (2 d) positions, where the uint32 counter wraps as dope's masked int64 one does. Reading the tables
+    back: q = [1, 0] gives (cos[:d/2], sin[d/2:]), k = [0, 1] gives (-sin[:d/2], cos[d/2:])."""
+    T, d = 256, 128
+    pos = torch.arange(start, start + T, device=DEVICE)
+    plan = DopePlan([(LAYER, 0)], "gaussian", seed=1234)
+    one, zero = torch.ones(1, 1, T, d // 2, device=DEVICE), torch.zeros(1, 1, T, d // 2, device=DEVICE)
+    qo, ko = kernels.rope_qk(torch.cat((one, zero), -1), torch.cat((zero, one), -1), pos.new_zeros(T, d).float(),
+                             pos.new_zeros(T, d).float(), pos, HeadRope(plan, LAYER, [0], 1))
+    h = d // 2
+    got = {0: torch.cat((qo[0, 0, :, :h], ko[0, 0, :, h:]), -1), 1: torch.cat((-ko[0, 0, :, :h], qo[0, 0, :, h:]), -1)}
+    for stream in (0, 1):
+        ref = dope.gaussian(1234, LAYER, 0, stream, pos, d).to(DEVICE)
+        ulps = (got[stream] - ref).abs() / (torch.finfo(torch.float32).eps * ref.abs().clamp_min(1e-6))
+        assert ulps.max() <= 3, f"stream {stream}: {ulps.max():.1f} ulps"
+
+
+# -----------------------------------------------------------------------------
+# The whole model with the kernel on and off
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return ours(hf_tiny("llama", n_kv=2), tmp_path_factory.mktemp("tiny_kernels")).to(DEVICE)
+
+
+def forward_steps(net, idx):
+    """Logits of a full forward, then of a chunked prefill (two chunks) and two cached decode steps."""
+    with torch.no_grad():  # the kernel is forward only: with gradients the eager path would run
+        out = [net(idx, all_logits=True)]
+        cache = net.new_cache(1, idx.shape[1] + 2)
+        out += [net(idx[:, :11], cache=cache, all_logits=True), net(idx[:, 11:], cache=cache, all_logits=True)]
+        for tok in (5, 17):
+            out.append(net(torch.tensor([[tok]], device=DEVICE), cache=cache))
+    return out
+
+
+@pytest.mark.parametrize("plan", [None, "parts", "all", "gaussian", "gaussian_v1"])
+def test_model_with_kernel_equals_without(tiny, plan, monkeypatch):
+    idx = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    if plan is not None:
+        apply_dope(tiny, DopePlan([(0, 1), (1, 2), (1, 3)], **PLANS[plan]))
+    try:
+        monkeypatch.setattr(model, "USE_KERNEL", False)
+        eager = forward_steps(tiny, idx)
+        launches = []
+        launch = kernels.launch
+        monkeypatch.setattr(kernels, "launch", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+        monkeypatch.setattr(model, "USE_KERNEL", True)
+        fused = forward_steps(tiny, idx)
+    finally:
+        remove_dope(tiny)
+    assert len(launches) == 2 * 5, "the kernel ran in both layers of each of the 5 forwards"
+    for f, e in zip(fused, eager):
+        torch.testing.assert_close(f, e, atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Packaging: the CPU path never needs triton; the GPU path compiles
+
+
+def run_python(code, **env):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_imports_without_triton():
+    r = run_python("""
+        import sys
+        sys.modules["triton"] = None  # import triton now raises ImportError
+        import torch, kernels, model
+        assert not kernels.available()
+        model.USE_KERNEL = True  # asked for, but not there: the eager path (the same math) runs
+        assert not model.use_kernel(torch.zeros(1))
+        print("ok")
+    """)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_kernel_compiles_for_nvidia_gpus():
+    """The interpreter does not type-check like the compiler: compile every variant to PTX and SASS for sm_80 with the
+    ptxas that ships with triton (no GPU needed)."""
+    r = run_python("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        import kernels
+
+        fn = kernels._rope_kernel
+        ints = {"T", "n_kv", "n_tblk", "seed", "layer"} | {n for n in fn.arg_names if n.startswith("s")}
+        consts = {"G", "D", "BLOCK_T", "BLOCK_F", "FROM_FREQS", "PER_HEAD", "DOPE", "EXPAND_K"}
+        ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "qo_ptr": "*bf16", "ko_ptr": "*bf16", "cos_ptr": "*fp32",
+                "sin_ptr": "*fp32", "freq_ptr": "*fp32", "pos_ptr": "*i64", "mode_ptr": "*i32", "band_ptr": "*i8"}
+        sig = {n: ptrs.get(n) or ("constexpr" if n in consts else "i32" if n in ints else "fp32") for n in fn.arg_names}
+        for ff, ph, dp in [(0, 0, 0), (1, 0, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0)]:
+            cx = dict(G=4, D=128, BLOCK_T=8, BLOCK_F=64, FROM_FREQS=bool(ff), PER_HEAD=bool(ph), DOPE=bool(dp),
+                      EXPAND_K=bool(ph or dp))
+            c = triton.compile(ASTSource(fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 80, 32),
+                               options={"enable_fp_fusion": False})
+            assert c.asm["cubin"], cx
+        print("ok")
+    """)
+    if "ptxas" in r.stderr and r.returncode != 0 and "not found" in r.stderr.lower():
+        pytest.skip("no ptxas in this triton install")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
