@@ -54,7 +54,8 @@ def spectrum(S):
     # S is PSD, so its eigenvalues are its singular values; eigvalsh is exact up to rounding, whose tiny negative
     # eigenvalues (rank-deficient S) would make ln p undefined.
     eig = torch.linalg.eigvalsh(S).flip(-1).clamp_min(0.0)  # (..., d), descending
-    return eig / trace[..., None]
+    # Rounding can put a rank-one head's p1 at 1 + 1e-16; clamping keeps every -p ln p >= 0 exactly.
+    return (eig / trace[..., None]).clamp_max(1.0)
 
 
 def _check_batch(bad, what):
@@ -158,17 +159,20 @@ def mean_scores(scores):
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. Streaming Grams
 
-def rope_cos_sin(pos, inv_freq):
-    """cos and sin tables (T, d/2) of RoPE (v1 Eq. 8-11, v2 Eq. 1-4), angles computed in float32 as HF does.
+def rope_half_tables(inv_freq, pos, dtype=torch.float32):
+    """cos and sin tables (T, d/2) of RoPE (v1 Eq. 8-11, v2 Eq. 1-4) in `dtype`.
 
-    pos: (T,) absolute positions; inv_freq: (d/2,) theta_f. HF stores the same tables twice side by side,
-    cat(freqs, freqs), because in the half-split layout band f rotates dims (f, f + d/2); one copy suffices here.
+    pos: (T,) absolute positions; inv_freq: (d/2,) theta_f. The angles m * theta_f are computed in float32, exactly as
+    HF (and model.py) compute them, and cos/sin are then taken in `dtype` (float64 keeps the trace exact). HF stores
+    the same tables twice side by side, cat(freqs, freqs), because in the half-split layout band f rotates dims
+    (f, f + d/2); one copy suffices here.
     """
     freqs = pos.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # (T, d/2)
+    freqs = freqs.to(dtype)
     return freqs.cos(), freqs.sin()
 
 
-def apply_rope(x, cos, sin):
+def apply_rope_half(x, cos, sin):
     """Rotate x (..., T, d) by the half tables (T, d/2) in the half-split ("rotate_half", NeoX) layout.
 
     The same as HF's x * cat(cos, cos) + rotate_half(x) * cat(sin, sin) with rotate_half(x) = cat(-x2, x1), written
@@ -235,8 +239,7 @@ class GramAccumulator:
             self._pos = pos.clone()
             self._tables = {}
             for where in ("post_ntk", "post_rope"):
-                cos, sin = rope_cos_sin(pos, self.inv_freq[where])  # float32 (T, d/2)
-                self._tables[where] = (cos.to(self.gram_dtype), sin.to(self.gram_dtype))
+                self._tables[where] = rope_half_tables(self.inv_freq[where], pos, self.gram_dtype)  # (T, d/2)
         return self._tables
 
     @torch.no_grad()
@@ -261,7 +264,7 @@ class GramAccumulator:
                     xr = x.to(self.gram_dtype)  # (B, h, T, d)
                 else:
                     tables = tables or self._cos_sin(pos)
-                    xr = apply_rope(x, *tables[where])  # (B, h, T, d), in gram_dtype
+                    xr = apply_rope_half(x, *tables[where])  # (B, h, T, d), in gram_dtype
                 # One batched matmul over (batch, heads); the sum over the batch is the sum over its tokens.
                 self.S[c][layer] += (xr.mT @ xr).sum(0).to(torch.float64)  # (h, d, d)
                 if self.s is not None:
@@ -320,7 +323,7 @@ def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="non
                          "score at the target length")
     cfg = model.config
     acc = GramAccumulator(cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
-                          inv_freq_used=model.rope_inv_freq(), inv_freq_orig=model.rope_inv_freq(scaled=False),
+                          inv_freq_used=model.rope_inv_freq(seq_len=T), inv_freq_orig=model.rope_inv_freq(scaled=False),
                           criteria=criteria, preprocess=preprocess, gram_dtype=gram_dtype)
     with torch.inference_mode():
         cache = model.new_cache(batch=1, max_len=T)
