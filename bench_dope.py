@@ -50,7 +50,7 @@ def main():
             model.prefill(ids, model.new_cache(1, T), chunk=a.chunk)
 
         def scoring():
-            entropy.score_model(model, ids, chunk=a.chunk, progress=False)
+            entropy.score_model(model, ids, chunk=a.chunk, progress=False, gram_dtype=torch.float32)  # as eval_nih
 
         def dope(variant):
             def f():

@@ -140,7 +140,8 @@ def calibrate(model, builder, length, args, out: Path):
         return torch.load(path)
     p = builder.build(length, 0.5, CALIB_KEY, needle_value(args.seed, "calib", length), args.noisy)
     t0 = time.time()
-    grams = entropy.score_model(model, torch.tensor([p.ids]), chunk=min(args.chunk, length))
+    # float32 per-chunk Gram products summed in float64: within 1e-6 of all-float64 scores, about half the cost
+    grams = entropy.score_model(model, torch.tensor([p.ids]), chunk=min(args.chunk, length), gram_dtype=torch.float32)
     saved = {"grams": grams, "seconds": time.time() - t0}
     torch.save(saved, path)
     return saved
@@ -376,7 +377,8 @@ def parse_args(argv=None):
     p.add_argument("--haystack-file", help="a text file of real prose (e.g. Paul Graham essays) instead of filler")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (memory grows with chunk x length)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
+                   help="float32 (default: on CPUs without bf16 matmul units it is the faster one) or bfloat16")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--report-heads", action="store_true",
                    help="only calibrate: print p1 per layer and the heads each rule picks, save the heatmaps")
