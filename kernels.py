@@ -53,6 +53,8 @@ import weakref
 
 import torch
 
+from model import rope_cos_sin as cos_sin, rope_qk as rope_qk_eager  # the eager math: the fallback and the reference
+
 try:
     import triton
     import triton.language as tl
@@ -239,29 +241,6 @@ def rope_qk_from_freqs(q, k, inv_freq, pos, scale=1.0, head_rope=None, *, block_
     """rope_qk with cos/sin computed in the kernel from inverse frequencies inv_freq (d/2,) and the attention scale:
     the same result as rope_qk(q, k, *model.rope_cos_sin(inv_freq, pos, scale), pos, head_rope) without the tables."""
     return _rope(q, k, pos, head_rope, inv_freq=inv_freq, scale=scale, block_t=block_t)
-
-
-def cos_sin(inv_freq, pos, scale=1.0):
-    """model.rope_cos_sin, for table mode when only frequencies were given."""
-    freqs = pos[:, None].float() * inv_freq[None, :].float()  # (T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
-    return emb.cos() * scale, emb.sin() * scale
-
-
-def rope_qk_eager(q, k, cos, sin, pos, head_rope=None):
-    """The eager math of model.rope_qk (restated so this file stands alone): used when autograd needs gradients."""
-    def apply(x, c, s):
-        c, s, half = c.to(x.dtype), s.to(x.dtype), x.shape[-1] // 2
-        return x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
-
-    if head_rope is None:
-        return apply(q, cos, sin), apply(k, cos, sin)
-    cos, sin, add = head_rope(cos, sin, pos)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    q, k = apply(q, cos, sin), apply(k, cos, sin)
-    if add is not None:
-        q, k = q + add[0].to(q.dtype), k + add[1].to(k.dtype)
-    return q, k
 
 
 # -----------------------------------------------------------------------------
