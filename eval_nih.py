@@ -75,8 +75,12 @@ class PromptBuilder:
     tokens. The pieces are tokenized separately and the haystack is cut at the token level, which makes the length
     exact without RULER's binary search over the filler text."""
 
-    def __init__(self, tok: Tokenizer, haystack_text: str = FILLER, sink_id: int | None = None):
+    def __init__(self, tok: Tokenizer, haystack_text: str = FILLER, sink_id: int | None = None, needle: str = NEEDLE,
+                 question: str = QUESTION, answer_prefix: str = ANSWER_PREFIX):
+        if "{value}" not in needle:
+            raise ValueError(f"the needle template {needle!r} must contain {{value}} (and usually {{key}})")
         self.tok, self.sink_id = tok, sink_id
+        self.needle, self.question, self.answer_prefix = needle, question, answer_prefix
         self.unit = tok.encode(haystack_text)
         if len(self.unit) < 8:
             raise ValueError("the haystack text is too short")
@@ -91,11 +95,11 @@ class PromptBuilder:
     def build(self, length: int, depth: float, key: str, value: str, noisy: int = 0) -> Prompt:
         """noisy: that many sink tokens (the model's BOS) right after the needle, the paper's noisy setup."""
         marker = "\x00HAYSTACK\x00"
-        chat = self.tok.chat([{"role": "user", "content": marker + "\n\n" + QUESTION.format(key=key)}])
+        chat = self.tok.chat([{"role": "user", "content": marker + "\n\n" + self.question.format(key=key)}])
         before, after = chat.split(marker)
         head = self.tok.encode(before)
-        tail = self.tok.encode(after + ANSWER_PREFIX.format(key=key))
-        needle = self.tok.encode(" " + NEEDLE.format(key=key, value=value) + " ")
+        tail = self.tok.encode(after + self.answer_prefix.format(key=key))
+        needle = self.tok.encode(" " + self.needle.format(key=key, value=value) + " ")
         if noisy and self.sink_id is None:
             raise ValueError("--noisy needs a BOS token id in config.json")
         sinks = [self.sink_id] * noisy
@@ -156,6 +160,8 @@ def plan_for(variant, calib, args, length, out: Path):
     label = f"{rule['metric']} r={rule['r']} ({rule['criterion']})"
     entropy.plot_scores(scores, heads, out / f"heads_{length}_{variant}.png",
                         title=f"{args.model_name} at {length} tokens: heads for DoPE-{variant}", label=label)
+    (out / f"heads_{length}_{variant}.json").write_text(json.dumps(
+        {"rule": rule, "heads": heads, "scores": [scores[h].item() for h in heads]}, indent=1) + "\n")
     return DopePlan(heads, variant, seed=args.seed), rule
 
 
@@ -206,7 +212,7 @@ def run(args):
     native = cfg.get("max_position_embeddings", 2048)
     sink_id = cfg.get("bos_token_id")
     haystack = Path(args.haystack_file).read_text() if args.haystack_file else FILLER
-    builder = PromptBuilder(tok, haystack, sink_id)
+    builder = PromptBuilder(tok, haystack, sink_id, args.needle, args.question, args.answer_prefix)
     results = out / "results.jsonl"
     done = load_done(results)
     stop = {tok.eos_id, *(cfg.get("eos_token_id") if isinstance(cfg.get("eos_token_id"), list)
@@ -304,8 +310,10 @@ def depths(n: int):
 
 def cell_id(args, length, depth, trial, variant):
     rule = rule_for(variant, args) if variant != "none" else {}
+    templates = [t for t, d in ((args.needle, NEEDLE), (args.question, QUESTION), (args.answer_prefix, ANSWER_PREFIX))
+                 if t != d]  # only non-default templates enter the id, so older results stay valid
     return json.dumps([Path(args.model).name, length, depth, trial, variant, args.noisy, args.ntk, rule, args.seed,
-                       args.haystack_file or "filler"])
+                       args.haystack_file or "filler"] + templates)
 
 
 # -----------------------------------------------------------------------------
@@ -375,6 +383,9 @@ def parse_args(argv=None):
     p.add_argument("--metric", choices=entropy.METRICS, help="head score")
     p.add_argument("--order", choices=entropy.ORDERS, help="asc: lowest scores denoised; desc: highest")
     p.add_argument("--haystack-file", help="a text file of real prose (e.g. Paul Graham essays) instead of filler")
+    p.add_argument("--needle", default=NEEDLE, help="needle template with {key} and {value} (a 7-digit number)")
+    p.add_argument("--question", default=QUESTION, help="question template with {key}")
+    p.add_argument("--answer-prefix", default=ANSWER_PREFIX, help="start of the answer, with {key} (RULER style)")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (memory grows with chunk x length)")
     p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],

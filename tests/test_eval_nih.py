@@ -101,3 +101,14 @@ def test_end_to_end_short_run_retrieves_and_resumes(tmp_path, monkeypatch):
     assert sorted(r["cell"] for r in rows2) == sorted(r["cell"] for r in rows)
     assert [json.loads(line)["score"] for line in (tmp_path / "results.jsonl").read_text().splitlines()][:4] == \
         [r["score"] for r in rows[:4]]
+
+
+def test_custom_needle_question_and_answer_templates(tok):
+    b = PromptBuilder(tok, needle="The vault code of {key} is {value}.", question="Which vault code has {key}?",
+                      answer_prefix="The vault code of {key} is")
+    p = b.build(2000, 0.5, "the iron violin", "5550123")
+    text = tok.decode(p.ids)
+    assert len(p.ids) == 2000 and "The vault code of the iron violin is 5550123." in text
+    assert "Which vault code has the iron violin?" in text and text.endswith("The vault code of the iron violin is")
+    with pytest.raises(ValueError, match="value"):
+        PromptBuilder(tok, needle="no placeholder here")
