@@ -28,6 +28,7 @@ import torch
 import entropy
 from dope import DopePlan, apply_dope, remove_dope
 from model import Tokenizer, Transformer
+from stats import paired, wilson
 
 DEFAULT_MODEL = "weights/SmolLM2-135M-Instruct"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "  # RULER's noise
@@ -321,15 +322,29 @@ def cell_id(args, length, depth, trial, variant):
 
 
 def summarize(rows, args, out: Path):
+    """Accuracy with a 95% Wilson interval per (length, variant), and each variant against the baseline on the same
+    prompts: the difference, the discordant prompts (baseline only / variant only) and the exact sign-test p-value.
+    With a handful of yes/no cells per row, most differences are noise: read the intervals."""
     if not rows:
         return
     lengths = sorted({r["length"] for r in rows})
     variants = [v for v in args.variant if any(r["variant"] == v for r in rows)]
-    print(f"\naccuracy (%) over {len(depths(args.depths))} depths x {args.trials} trial(s), noisy={args.noisy}")
-    print(f"{'length':>8} " + " ".join(f"{v:>9}" for v in variants))
+    print(f"\naccuracy over {len(depths(args.depths))} depths x {args.trials} trial(s), noisy={args.noisy}; "
+          "95% Wilson interval; vs baseline: difference, discordant prompts (baseline-only/variant-only), sign-test p")
     for L in lengths:
-        cells = [[r["score"] for r in rows if r["length"] == L and r["variant"] == v] for v in variants]
-        print(f"{L:>8} " + " ".join(f"{100 * sum(c) / len(c):9.1f}" if c else f"{'-':>9}" for c in cells))
+        by = {v: {(r["depth"], r["trial"]): r["score"] for r in rows if r["length"] == L and r["variant"] == v}
+              for v in variants}
+        for v in variants:
+            s = list(by[v].values())
+            if not s:
+                continue
+            lo, hi = wilson(sum(s), len(s))
+            line = f"{L:>7} {v:>9}: {sum(s):>3}/{len(s):<3} = {100 * sum(s) / len(s):5.1f}% [{100 * lo:4.0f}, {100 * hi:4.0f}]"
+            common = sorted(set(by[v]) & set(by.get("none", {})))
+            if v != "none" and common:
+                c = paired([by["none"][i] for i in common], [by[v][i] for i in common])
+                line += f"   {100 * c['diff']:+6.1f} pts, {c['b']}/{c['c']}, p = {c['p']:.2f}"
+            print(line)
     plot_heatmap(rows, lengths, variants, args, out / f"heatmap_noisy{args.noisy}.png")
 
 
