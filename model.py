@@ -249,6 +249,13 @@ class KVCache:
         self.v[layer][:, :, self.pos:self.pos + T] = v
         return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
 
+    def rewind(self, pos: int):
+        """Forget every position from pos on (e.g. after scoring a teacher-forced answer): the next write goes
+        there, and nothing past it is ever read before it is written again."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot rewind a cache at position {self.pos} to {pos}")
+        self.pos = pos
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: Config, layer: int):
@@ -328,15 +335,19 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         return KVCache(self.config.n_layer, max_len or self.config.max_pos)
 
-    def forward(self, idx, cache=None, all_logits=False, observer=None):
+    def forward(self, idx, cache=None, all_logits=False, observer=None, from_layer=0, hidden=None, taps=None):
         """Logits (B, T, vocab) if all_logits, else (B, 1, vocab) for the last position only. With a cache, idx
-        continues the cached sequence (chunked prefill or decode)."""
+        continues the cached sequence (chunked prefill or decode).
+
+        Prefix reuse (a DoPE head changes nothing below its layer): taps = {layer: []} collects the input hidden
+        state (B, T, C) of those layers; from_layer=l with hidden = such a state resumes the forward at layer l, the
+        cache holding the layers below l from an earlier run."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         pos = torch.arange(start, start + T, device=idx.device)  # (T,) absolute positions
         inv_freq, scale = rope_params(self.config, start + T)
         cos, sin = rope_cos_sin(inv_freq.to(idx.device), pos, scale)  # (T, d) float32
-        x = self.embed_tokens(idx)  # (B, T, C)
+        x = self.embed_tokens(idx) if from_layer == 0 else hidden  # (B, T, C)
         mask = None
         if T > 1 and start > 0:
             # A chunk of T new queries meets start + T keys: query i sits at start + i, so SDPA's is_causal (which
@@ -344,30 +355,37 @@ class Transformer(nn.Module):
             # an additive float mask so SDPA does not convert it again in every layer. Size T x S, never S x S.
             keep = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
             mask = torch.zeros(T, start + T, dtype=x.dtype, device=idx.device).masked_fill_(~keep, float("-inf"))
-        for block in self.layers:
-            x = block(x, cos, sin, pos, cache, observer, mask)
+        for i in range(from_layer, len(self.layers)):
+            if taps is not None and i in taps:
+                taps[i].append(x)
+            x = self.layers[i](x, cos, sin, pos, cache, observer, mask)
         if cache is not None:
             cache.pos += T
         x = self.norm(x if all_logits else x[:, -1:])  # the LM head on the last position only, at inference
         return self.lm_head(x).float()  # (B, T or 1, vocab)
 
     @torch.inference_mode()
-    def prefill(self, idx, cache, chunk: int = 2048, observer=None, progress=None):
+    def prefill(self, idx, cache, chunk: int = 2048, observer=None, progress=None, from_layer=0, hidden=None,
+                taps=None):
         """Run idx (B, T) into the cache chunk by chunk; returns the last position's logits (B, 1, vocab).
-        Memory grows with chunk * T, never T * T."""
+        Memory grows with chunk * T, never T * T. from_layer / hidden (one tensor per chunk) / taps: see forward."""
         logits = None
-        for i in range(0, idx.shape[1], chunk):
-            logits = self(idx[:, i:i + chunk], cache=cache, observer=observer)
+        for n, i in enumerate(range(0, idx.shape[1], chunk)):
+            logits = self(idx[:, i:i + chunk], cache=cache, observer=observer, from_layer=from_layer,
+                          hidden=hidden[n] if hidden is not None else None, taps=taps)
             if progress is not None:
                 progress.update(min(chunk, idx.shape[1] - i))
         return logits
 
     @torch.inference_mode()
-    def generate(self, idx, max_new_tokens: int, stop_tokens=(), chunk: int = 2048, cache=None):
-        """Greedy decoding of one sequence idx (1, T). Returns the new token ids (stop token excluded)."""
+    def generate(self, idx, max_new_tokens: int, stop_tokens=(), chunk: int = 2048, cache=None, logits=None):
+        """Greedy decoding of one sequence idx (1, T). Returns the new token ids (stop token excluded).
+        With logits, the prompt is already in the cache (e.g. a prefill with reused layers) and is not run again."""
         assert idx.shape[0] == 1, "generate() decodes one sequence at a time"
-        cache = cache or self.new_cache(1, idx.shape[1] + max_new_tokens)
-        logits = self.prefill(idx, cache, chunk)
+        if cache is None:
+            cache = self.new_cache(1, idx.shape[1] + max_new_tokens)
+        if logits is None:
+            logits = self.prefill(idx, cache, chunk)
         out = []
         for _ in range(max_new_tokens):
             tok = int(logits[0, -1].argmax())

@@ -166,3 +166,24 @@ def test_bad_plans_are_clear_errors(model):
         apply_dope(model, DopePlan([(2, 0)], "all"))
     with pytest.raises(ValueError, match="do not exist"):
         apply_dope(model, DopePlan([(0, 4)], "all"))
+
+
+@torch.inference_mode()
+def test_prefix_reuse_equals_full_recomputation(model, idx):
+    """A head denoised in layer 1 changes nothing below it: resuming at layer 1 from the plain run's hidden state and
+    layer-0 cache gives bit-identical logits to a full DoPE forward, chunked prefill and decode included."""
+    plan = DopePlan([(1, 2)], "gaussian")
+    taps, base = {1: []}, model.new_cache(1, T)
+    model.prefill(idx[:, :30], base, chunk=16, taps=taps)
+    apply_dope(model, plan)
+    try:
+        full_cache = model.new_cache(1, T)
+        want = [model.prefill(idx[:, :30], full_cache, chunk=16)] + [model(idx[:, t:t + 1], cache=full_cache)
+                                                                    for t in range(30, T)]
+        cache = model.new_cache(1, T)
+        cache.k[0], cache.v[0] = base.k[0], base.v[0]
+        got = [model.prefill(idx[:, :30], cache, chunk=16, from_layer=1, hidden=taps[1])]
+        got += [model(idx[:, t:t + 1], cache=cache) for t in range(30, T)]
+    finally:
+        remove_dope(model)
+    assert torch.equal(torch.cat(got, 1), torch.cat(want, 1))

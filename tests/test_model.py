@@ -23,7 +23,8 @@ def test_logits_match_transformers(tmp_path, arch, tie, n_kv):
         want = ref(idx).logits
     got = m(idx, all_logits=True)
     assert (got - want).abs().max() <= 1e-4
-    assert torch.equal(m(idx)[:, -1], got[:, -1]), "last-position logits must equal the all-logits row"
+    # the LM head on the last position alone: the same row, up to the rounding of a differently shaped GEMM
+    torch.testing.assert_close(m(idx)[:, -1], got[:, -1], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("kind", list(ROPE_TYPES))
