@@ -6,9 +6,15 @@ needs intervals, and a method compared with the baseline on the same prompts nee
 - sign_test(b, c): the exact two-sided McNemar test on the discordant pairs of a paired comparison: b prompts that
   only the baseline got right, c prompts that only the method got right. Under "no difference" each discordant pair
   is a fair coin, so p = P(Binomial(b + c, 1/2) at least as far from (b + c) / 2 as observed).
+- newcombe_paired(a, b, c, d): a 95% interval for the difference of two paired proportions (Newcombe 1998, Stat. Med.
+  17:2635, method 10: Wilson intervals of the two margins, combined with their estimated correlation).
+- paired(base, method): all of the above for two lists of 0/1 scores on the same prompts.
+- paired_mean(base, method): a continuous paired measure (e.g. log-probabilities): the mean difference, a seeded
+  bootstrap 95% interval over prompts, and the sign test on the signs of the differences.
 """
 
 import math
+import random
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -33,10 +39,54 @@ def sign_test(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def newcombe_paired(a: int, b: int, c: int, d: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% interval for p_method - p_base = (c - b) / n from a paired 2x2 table (Newcombe 1998, method 10).
+
+    a: both right, b: only the baseline right, c: only the method right, d: both wrong. The two margins get Wilson
+    intervals; their correlation phi (with Newcombe's continuity adjustment of a d - b c) narrows the combination,
+    since the same prompts are scored twice. The interval includes 0 unless the difference is clear.
+    """
+    if min(a, b, c, d) < 0 or a + b + c + d == 0:
+        raise ValueError(f"a paired table needs counts >= 0 and n >= 1, got {(a, b, c, d)}")
+    n = a + b + c + d
+    p1, p2 = (a + c) / n, (a + b) / n  # method, baseline
+    l1, u1 = wilson(a + c, n, z)
+    l2, u2 = wilson(a + b, n, z)
+    margins = (a + c) * (b + d) * (a + b) * (c + d)
+    x = a * d - b * c
+    x = x - n / 2 if x > n / 2 else (0 if x >= 0 else x)  # Newcombe's adjustment of the phi numerator
+    phi = x / math.sqrt(margins) if margins else 0.0
+    diff = p1 - p2
+    lo = diff - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    hi = diff + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return max(-1.0, lo), min(1.0, hi)
+
+
 def paired(base: list, method: list) -> dict:
-    """Compare two lists of 0/1 scores on the same prompts: accuracy difference, discordant counts, p-value."""
+    """Compare two lists of 0/1 scores on the same prompts: accuracy difference (method - baseline) with its 95%
+    interval, discordant counts b (baseline only) and c (method only), and the sign-test p-value."""
     if len(base) != len(method) or not base:
         raise ValueError(f"paired scores need two equal, non-empty lists, got {len(base)} and {len(method)}")
+    if any(x not in (0, 1) for x in (*base, *method)):
+        raise ValueError("paired() takes 0/1 scores; use paired_mean() for a continuous measure")
+    a = sum(1 for x, y in zip(base, method) if x and y)
     b = sum(1 for x, y in zip(base, method) if x and not y)  # baseline right, method wrong
     c = sum(1 for x, y in zip(base, method) if y and not x)  # method right, baseline wrong
-    return {"diff": (sum(method) - sum(base)) / len(base), "b": b, "c": c, "p": sign_test(b, c)}
+    lo, hi = newcombe_paired(a, b, c, len(base) - a - b - c)
+    return {"diff": (c - b) / len(base), "lo": lo, "hi": hi, "b": b, "c": c, "p": sign_test(b, c)}
+
+
+def paired_mean(base: list, method: list, resamples: int = 10_000, seed: int = 0) -> dict:
+    """A continuous paired measure on the same prompts (e.g. the log-probability of the answer): the mean of
+    method - base, a bootstrap 95% percentile interval of that mean (prompts resampled with replacement, seeded,
+    so the report is reproducible), and the exact sign test on how many differences are negative / positive."""
+    if len(base) != len(method) or not base:
+        raise ValueError(f"paired values need two equal, non-empty lists, got {len(base)} and {len(method)}")
+    diffs = [y - x for x, y in zip(base, method)]
+    if not all(math.isfinite(x) for x in diffs):
+        raise ValueError("paired_mean() needs finite values")
+    n, rng = len(diffs), random.Random(seed)
+    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(resamples))
+    neg, pos = sum(x < 0 for x in diffs), sum(x > 0 for x in diffs)
+    return {"diff": sum(diffs) / n, "lo": means[int(0.025 * resamples)], "hi": means[int(0.975 * resamples) - 1],
+            "neg": neg, "pos": pos, "p": sign_test(neg, pos)}

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from stats import paired, sign_test, wilson
+from stats import newcombe_paired, paired, paired_mean, sign_test, wilson
 
 
 def test_wilson_known_values():
@@ -30,10 +30,48 @@ def test_sign_test_known_values():
     assert sign_test(0, 6) == pytest.approx(0.03125) and sign_test(2, 8) == pytest.approx(0.109375)
 
 
+def test_newcombe_paired_known_value():
+    """Cavo et al. 2012 as tabulated by the R package contingencytables (Fagerland, Lydersen & Laake, ch. 8):
+    table [[59, 6], [16, 80]], row margin minus column margin = -0.0621, 95% CI -0.1186 to -0.0046."""
+    lo, hi = newcombe_paired(a=59, b=16, c=6, d=80)  # method = the row: 6 pairs only it got right, 16 only the column
+    assert (lo, hi) == pytest.approx((-0.1186, -0.0046), abs=1e-4)
+
+
+@given(a=st.integers(0, 40), b=st.integers(0, 40), c=st.integers(0, 40), d=st.integers(0, 40))
+def test_newcombe_paired_contains_the_estimate_and_flips_with_the_roles(a, b, c, d):
+    if a + b + c + d == 0:
+        return
+    n = a + b + c + d
+    lo, hi = newcombe_paired(a, b, c, d)
+    assert -1 <= lo <= (c - b) / n <= hi <= 1
+    lo2, hi2 = newcombe_paired(a, c, b, d)  # swapping baseline and method mirrors the interval
+    assert (lo2, hi2) == pytest.approx((-hi, -lo), abs=1e-12)
+    if b == c:
+        assert lo < 0 < hi or lo == hi == 0  # no difference observed: the interval includes zero
+
+
 def test_paired_counts_discordant_prompts_only():
     r = paired([1, 1, 0, 0, 1], [1, 0, 1, 1, 1])
-    assert r == {"diff": pytest.approx(0.2), "b": 1, "c": 2, "p": pytest.approx(1.0)}
+    assert r == {"diff": pytest.approx(0.2), "b": 1, "c": 2, "p": pytest.approx(1.0),
+                 "lo": pytest.approx(newcombe_paired(2, 1, 2, 0)[0]), "hi": pytest.approx(newcombe_paired(2, 1, 2, 0)[1])}
+    assert r["lo"] < 0 < r["hi"]  # 2 against 1 discordant prompts is no evidence
+    with pytest.raises(ValueError, match="0/1"):
+        paired([0.5], [1])
     with pytest.raises(ValueError):
         paired([1], [1, 0])
     with pytest.raises(ValueError):
         wilson(3, 2)
+
+
+def test_paired_mean_is_reproducible_and_brackets_the_mean():
+    base = [-3.0, -2.5, -4.0, -1.0, -2.0, -3.5]
+    method = [-2.0, -2.6, -3.0, -0.5, -2.0, -2.5]
+    r = paired_mean(base, method)
+    assert r == paired_mean(base, method)  # seeded bootstrap
+    assert r["diff"] == pytest.approx(sum(m - b for b, m in zip(base, method)) / 6)
+    assert r["lo"] <= r["diff"] <= r["hi"] and (r["neg"], r["pos"]) == (1, 4)
+    assert r["p"] == pytest.approx(sign_test(1, 4))
+    flat = paired_mean([1.0, 2.0], [1.5, 2.5])  # every difference 0.5: a degenerate interval at 0.5
+    assert (flat["lo"], flat["hi"]) == pytest.approx((0.5, 0.5))
+    with pytest.raises(ValueError):
+        paired_mean([1.0], [float("-inf")])
