@@ -1,8 +1,8 @@
 """
 What DoPE costs: the head-scoring pass and a DoPE forward, each against a plain forward, side by side in one run.
 
-    python bench_dope.py                 # SmolLM2, 8K and 16K tokens, bfloat16, median of 3
-    python bench_dope.py --lens 4k --repeats 5 --dtype float32
+    python bench_dope.py                 # SmolLM2, 8K and 16K tokens, float32, one-pass prefill, median of 3
+    python bench_dope.py --lens 4k --repeats 5 --dtype bfloat16 --chunk 2048
 
 Runs are interleaved (plain, scoring, DoPE variants, plain, ...) so that machine noise hits all of them alike; read
 the ratios. Targets (issue 3): scoring overhead <= 10% over a plain prefill, a DoPE prefill <= 3% over a plain one.
@@ -24,16 +24,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="weights/SmolLM2-135M-Instruct")
     p.add_argument("--lens", default="8k,16k")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"], help="as eval_nih (default float32)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--chunk", type=int, default=0, help="prefill chunk; 0 = the whole prompt in one pass, as eval_nih")
     p.add_argument("--k", type=int, default=5, help="heads denoised in the DoPE runs")
     a = p.parse_args()
     if a.model == "weights/SmolLM2-135M-Instruct":
         from setup_weights import ensure_weights
 
         ensure_weights("smollm2")
-    print(f"{a.model}, {a.dtype}, chunk {a.chunk}, {torch.get_num_threads()} threads, median of {a.repeats}")
+    print(f"{a.model}, {a.dtype}, chunk {a.chunk or 'one pass'}, {torch.get_num_threads()} threads, median of {a.repeats}")
     print(f"{'tokens':>7} {'plain s':>8} | {'scoring s':>9} {'ratio':>6} | " +
           " | ".join(f"{'DoPE-' + v + ' s':>15} {'ratio':>6}" for v in ("parts", "all", "gaussian")))
     for T in [parse_len(s) for s in a.lens.split(",")]:
@@ -42,15 +42,16 @@ def main():
                                             rope_scaling={"rope_type": "ntk", "factor": T / native} if T > native
                                             else None)
         ids = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+        chunk = a.chunk or T
         g = torch.Generator().manual_seed(1)
         heads = sorted({(int(torch.randint(model.config.n_layer, (1,), generator=g)),
                          int(torch.randint(model.config.n_head, (1,), generator=g))) for _ in range(a.k)})
 
         def plain():
-            model.prefill(ids, model.new_cache(1, T), chunk=a.chunk)
+            model.prefill(ids, model.new_cache(1, T), chunk=chunk)
 
         def scoring():
-            entropy.score_model(model, ids, chunk=a.chunk, progress=False, gram_dtype=torch.float32)  # as eval_nih
+            entropy.score_model(model, ids, chunk=chunk, progress=False, gram_dtype=torch.float32)  # as eval_nih
 
         def dope(variant):
             def f():

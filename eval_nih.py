@@ -456,12 +456,19 @@ def run(args):
                 print(f"   noisy={noisy} sweep: {sum(m.role == 'sweep' for m in fixed)} rules")
             prompts = [(d, t) for d in depths(args.depths) for t in range(args.trials)]
             per_prompt = len(prompt_methods(fixed, c, args, length, noisy, 0.0, 0))
-            todo = sum(cell_id(args, length, noisy, d, t, m) not in done for d, t in prompts
-                       for m in prompt_methods(fixed, c, args, length, noisy, d, t))
+            todo, work = 0, 0.0  # work: in full prefills; a method that starts at layer l costs 1 - l / n_layer
+            for d, t in prompts:
+                missing = [m for m in prompt_methods(fixed, c, args, length, noisy, d, t)
+                           if cell_id(args, length, noisy, d, t, m) not in done]
+                todo += len(missing)
+                starts = {(m.variant, tuple(m.heads)): min(h[0] for h in m.heads) if m.heads and args.reuse else 0
+                          for m in missing}
+                work += (1.0 if missing else 0.0) + sum(1 - f / c.n_layer for f in starts.values() if f > 0) + \
+                    sum(1.0 for (v, heads), f in starts.items() if f == 0 and heads)
             if todo and calib is not None:
                 print(f"   {todo} of {len(prompts) * per_prompt} cells to run ({len(prompts)} prompts x "
-                      f"{per_prompt} methods); a full prefill takes about {calib['seconds']:.0f} s, a method "
-                      f"that starts at layer l about (1 - l / {c.n_layer}) of that")
+                      f"{per_prompt} methods): about {work:.1f} full prefills of ~{calib['seconds']:.0f} s each "
+                      f"(the calibration pass), ~{work * calib['seconds'] / 3600:.1f} h")
             bar = tqdm(total=len(prompts) * per_prompt, desc=f"{length} tokens, noisy={noisy}", unit="cell")
             for depth, trial in prompts:
                 methods = prompt_methods(fixed, c, args, length, noisy, depth, trial)
