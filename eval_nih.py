@@ -587,13 +587,14 @@ def summarize(rows, args, out: Path) -> list:
                                 f"(accuracy {_pct(vs_base['diff'])} pts [{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}]"
                                 f"; log p of the answer {shift(lp)}: {lp['diff']:+.3f} [{lp['lo']:+.3f}, "
                                 f"{lp['hi']:+.3f}], sign test p = {lp['p']:.2g})")
-        dope = [r for r in grp if r["role"] != "baseline" and r["first_layer"] > 0]
-        if dope:
-            spent = sum(r["prefill_seconds"] for r in dope)
-            full = sum(r["base_prefill_seconds"] for r in dope)
-            lines += ["", f"Prefix reuse: the DoPE and control prefills took {spent:.0f} s; from scratch they would "
-                          f"have taken about {full:.0f} s (the baseline's prefill time of the same prompt), "
-                          f"{100 * (1 - spent / full):.0f}% saved."]
+        # each distinct (prompt, variant, heads) was computed once, whatever its number of rows
+        runs = {(r["depth"], r["trial"], r["variant"], json.dumps(r["heads"])): r for r in grp if r["role"] != "baseline"}
+        if runs:
+            spent = sum(r["prefill_seconds"] for r in runs.values())
+            full = sum(r["base_prefill_seconds"] for r in runs.values())
+            lines += ["", f"Prefix reuse: the {len(runs)} DoPE prefills (one per distinct prompt and head set, controls "
+                          f"included) took {spent:.0f} s; from scratch they would have taken about {full:.0f} s (the "
+                          f"baseline's prefill time of the same prompt each), {100 * (1 - spent / full):.0f}% saved."]
     lines += ["", "Verdicts (a difference counts only when its 95% interval excludes zero):", ""]
     lines += [f"- {v}" for v in verdicts]
     text = "\n".join(lines)
