@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -592,9 +593,18 @@ def summarize(rows, args, out: Path) -> list:
         if runs:
             spent = sum(r["prefill_seconds"] for r in runs.values())
             full = sum(r["base_prefill_seconds"] for r in runs.values())
+            # Per prompt, then the median: one prompt timed while the machine was busy or paused moves a total, not
+            # a median.
+            per = {}
+            for (d, t, _, _), r in runs.items():
+                s, f = per.get((d, t), (0.0, 0.0))
+                per[(d, t)] = (s + r["prefill_seconds"], f + r["base_prefill_seconds"])
+            med = statistics.median(1 - s / f for s, f in per.values())
             lines += ["", f"Prefix reuse: the {len(runs)} DoPE prefills (one per distinct prompt and head set, controls "
                           f"included) took {spent:.0f} s; from scratch they would have taken about {full:.0f} s (the "
-                          f"baseline's prefill time of the same prompt each), {100 * (1 - spent / full):.0f}% saved."]
+                          f"baseline's prefill time of the same prompt each); median saving per prompt "
+                          f"{100 * med:.0f}% (wall-clock times: read them only from a run on an otherwise idle "
+                          f"machine)."]
     lines += ["", "Verdicts (a difference counts only when its 95% interval excludes zero):", ""]
     lines += [f"- {v}" for v in verdicts]
     text = "\n".join(lines)

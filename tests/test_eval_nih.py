@@ -238,7 +238,7 @@ def test_summary_verdicts_follow_the_intervals(tmp_path):
     args.model_name = "m"
     verdicts = eval_nih.summarize(rows, args, tmp_path)
     text = (tmp_path / "summary.md").read_text()
-    assert "| all | rule |" in text and "50% saved" in text
+    assert "| all | rule |" in text and "median saving per prompt 50%" in text
     # 40 prompts x 3 variants: a rule and its control share a head set in these synthetic rows, so each ran once
     assert "the 120 DoPE prefills" in text
     assert len(verdicts) == 3 and n == len(base)
