@@ -533,78 +533,24 @@ def summarize(rows, args, out: Path) -> list:
     """Per (length, noise): accuracy with a 95% Wilson interval and the mean log-probability of the right answer for
     every method; each method against the baseline on the same prompts (difference with Newcombe's paired 95%
     interval, discordant prompts baseline-only/method-only, exact sign test; the log-probability difference with a
-    bootstrap interval), each DoPE variant against its random-head control, and a verdict. Printed and written to
-    out/summary.md. Returns the verdict lines."""
+    bootstrap interval), each DoPE variant against its random-head control, and a verdict. With several settings,
+    one more table pools their prompts (each prompt is still a pair; a method name then means each setting's own
+    rule). Printed and written to out/summary.md. Returns the verdict lines."""
     if not rows:
         return []
     lines, verdicts = [], []
     groups = sorted({(r["length"], r["noisy"]) for r in rows})
     for L, noisy in groups:
         grp = [r for r in rows if r["length"] == L and r["noisy"] == noisy]
-        names = list(dict.fromkeys(r["method"] for r in grp))
-        by = {n: {(r["depth"], r["trial"]): r for r in grp if r["method"] == n} for n in names}
         n_prompts = len({(r["depth"], r["trial"]) for r in grp})
-        lines += ["", f"### {grp[0]['model']}, {L} tokens, noisy={noisy}: {n_prompts} prompts "
-                      f"({len({r['depth'] for r in grp})} depths x {len({r['trial'] for r in grp})} needles)", "",
-                  "| method | role | heads | correct | accuracy [95% CI] | mean log p | vs baseline: diff [95% CI] "
-                  "(b/c, p) | vs baseline: log p diff [95% CI] | vs its random control: diff [95% CI] |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        sweep = [n for n in names if by[n] and next(iter(by[n].values()))["role"] == "sweep"]
-        best = max(sweep, key=lambda n: (sum(r["score"] for r in by[n].values()),
-                                         sum(r["logprob"] for r in by[n].values()))) if sweep else None
-        for n in names:
-            cells = by[n]
-            first = next(iter(cells.values()))
-            s = [r["score"] for r in cells.values()]
-            lo, hi = wilson(sum(s), len(s))
-            role = first["role"] + (" (best of sweep on the test prompts)" if n == best else "")
-            heads = "per prompt" if first["role"] == "random" else (str(first["heads"]) if first["heads"] else "-")
-            if len(heads) > 40:
-                heads = f"{len(first['heads'])} heads"
-            row = [n, role, heads, f"{sum(s)}/{len(s)}", f"{100 * sum(s) / len(s):.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]",
-                   f"{sum(r['logprob'] for r in cells.values()) / len(s):.2f}"]
-            vs_base = vs_ctrl = None
-            common = sorted(set(cells) & set(by.get("none", {})))
-            if n != "none" and common:
-                vs_base = paired([by["none"][i]["score"] for i in common], [cells[i]["score"] for i in common])
-                lp = paired_mean([by["none"][i]["logprob"] for i in common], [cells[i]["logprob"] for i in common])
-                row += [f"{_pct(vs_base['diff'])} [{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}] "
-                        f"({vs_base['b']}/{vs_base['c']}, p={vs_base['p']:.2f})",
-                        f"{lp['diff']:+.3f} [{lp['lo']:+.3f}, {lp['hi']:+.3f}] ({lp['neg']}-/{lp['pos']}+, "
-                        f"p={lp['p']:.2g})"]
-            else:
-                row += ["", ""]
-            ctrl = by.get(f"{first['variant']}~random")
-            if first["role"] in ("rule", "sweep") and ctrl:
-                both = sorted(set(cells) & set(ctrl))
-                vs_ctrl = paired([ctrl[i]["score"] for i in both], [cells[i]["score"] for i in both])
-                row.append(f"{_pct(vs_ctrl['diff'])} [{_pct(vs_ctrl['lo'])}, {_pct(vs_ctrl['hi'])}] "
-                           f"({vs_ctrl['b']}/{vs_ctrl['c']}, p={vs_ctrl['p']:.2f})")
-            else:
-                row.append("")
-            lines.append("| " + " | ".join(row) + " |")
-            if first["role"] == "rule" and vs_base is not None:
-                verdicts.append(f"{L} tokens, noisy={noisy}, DoPE-{n}: {verdict(vs_base, vs_ctrl)} "
-                                f"(accuracy {_pct(vs_base['diff'])} pts [{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}]"
-                                f"; log p of the answer {shift(lp)}: {lp['diff']:+.3f} [{lp['lo']:+.3f}, "
-                                f"{lp['hi']:+.3f}], sign test p = {lp['p']:.2g})")
-        # each distinct (prompt, variant, heads) was computed once, whatever its number of rows
-        runs = {(r["depth"], r["trial"], r["variant"], json.dumps(r["heads"])): r for r in grp if r["role"] != "baseline"}
-        if runs:
-            spent = sum(r["prefill_seconds"] for r in runs.values())
-            full = sum(r["base_prefill_seconds"] for r in runs.values())
-            # Per prompt, then the median: one prompt timed while the machine was busy or paused moves a total, not
-            # a median.
-            per = {}
-            for (d, t, _, _), r in runs.items():
-                s, f = per.get((d, t), (0.0, 0.0))
-                per[(d, t)] = (s + r["prefill_seconds"], f + r["base_prefill_seconds"])
-            med = statistics.median(1 - s / f for s, f in per.values())
-            lines += ["", f"Prefix reuse: the {len(runs)} DoPE prefills (one per distinct prompt and head set, controls "
-                          f"included) took {spent:.0f} s; from scratch they would have taken about {full:.0f} s (the "
-                          f"baseline's prefill time of the same prompt each); median saving per prompt "
-                          f"{100 * med:.0f}% (wall-clock times: read them only from a run on an otherwise idle "
-                          f"machine)."]
+        title = (f"{grp[0]['model']}, {L} tokens, noisy={noisy}: {n_prompts} prompts "
+                 f"({len({r['depth'] for r in grp})} depths x {len({r['trial'] for r in grp})} needles)")
+        lines += _table(grp, title, f"{L} tokens, noisy={noisy}", verdicts)
+    if len(groups) > 1:
+        title = (f"{rows[0]['model']}, pooled over {len(groups)} settings "
+                 f"({', '.join(f'{L}/noisy={n}' for L, n in groups)}): "
+                 f"{len({_prompt(r) for r in rows})} prompts; each method is each setting's own rule")
+        lines += _table(rows, title, "pooled", verdicts)
     lines += ["", "Verdicts (a difference counts only when its 95% interval excludes zero):", ""]
     lines += [f"- {v}" for v in verdicts]
     text = "\n".join(lines)
@@ -614,6 +560,81 @@ def summarize(rows, args, out: Path) -> list:
         plot_heatmap([r for r in rows if r["noisy"] == noisy and r["role"] != "sweep"], args,
                      out / f"heatmap_noisy{noisy}.png", noisy)
     return verdicts
+
+
+def _prompt(r):
+    return r["length"], r["noisy"], r["depth"], r["trial"]
+
+
+def _table(grp, title, label, verdicts) -> list:
+    """The markdown table of one group of rows (see summarize); appends its verdicts."""
+    lines = ["", f"### {title}", "",
+             "| method | role | heads | correct | accuracy [95% CI] | mean log p | vs baseline: diff [95% CI] "
+             "(b/c, p) | vs baseline: log p diff [95% CI] | vs its random control: diff [95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    names = list(dict.fromkeys(r["method"] for r in grp))
+    by = {n: {_prompt(r): r for r in grp if r["method"] == n} for n in names}
+    sweep = [n for n in names if by[n] and next(iter(by[n].values()))["role"] == "sweep"]
+    best = max(sweep, key=lambda n: (sum(r["score"] for r in by[n].values()),
+                                     sum(r["logprob"] for r in by[n].values()))) if sweep else None
+    for n in names:
+        cells = by[n]
+        first = next(iter(cells.values()))
+        s = [r["score"] for r in cells.values()]
+        lo, hi = wilson(sum(s), len(s))
+        role = first["role"] + (" (best of sweep on the test prompts)" if n == best else "")
+        heads = str([tuple(h) for h in first["heads"]]) if first["heads"] else "-"
+        if len(heads) > 40:
+            heads = f"{len(first['heads'])} heads"
+        if first["role"] == "random":
+            heads = "per prompt"
+        elif label == "pooled" and first["heads"]:
+            heads = "per setting"
+        row = [n, role, heads, f"{sum(s)}/{len(s)}", f"{100 * sum(s) / len(s):.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]",
+               f"{sum(r['logprob'] for r in cells.values()) / len(s):.2f}"]
+        vs_base = vs_ctrl = None
+        common = sorted(set(cells) & set(by.get("none", {})))
+        if n != "none" and common:
+            vs_base = paired([by["none"][i]["score"] for i in common], [cells[i]["score"] for i in common])
+            lp = paired_mean([by["none"][i]["logprob"] for i in common], [cells[i]["logprob"] for i in common])
+            row += [f"{_pct(vs_base['diff'])} [{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}] "
+                    f"({vs_base['b']}/{vs_base['c']}, p={vs_base['p']:.2f})",
+                    f"{lp['diff']:+.3f} [{lp['lo']:+.3f}, {lp['hi']:+.3f}] ({lp['neg']}-/{lp['pos']}+, "
+                    f"p={lp['p']:.2g})"]
+        else:
+            row += ["", ""]
+        ctrl = by.get(f"{first['variant']}~random")
+        if first["role"] in ("rule", "sweep") and ctrl:
+            both = sorted(set(cells) & set(ctrl))
+            vs_ctrl = paired([ctrl[i]["score"] for i in both], [cells[i]["score"] for i in both])
+            row.append(f"{_pct(vs_ctrl['diff'])} [{_pct(vs_ctrl['lo'])}, {_pct(vs_ctrl['hi'])}] "
+                       f"({vs_ctrl['b']}/{vs_ctrl['c']}, p={vs_ctrl['p']:.2f})")
+        else:
+            row.append("")
+        lines.append("| " + " | ".join(row) + " |")
+        if first["role"] == "rule" and vs_base is not None:
+            verdicts.append(f"{label}, DoPE-{n}: {verdict(vs_base, vs_ctrl)} "
+                            f"(accuracy {_pct(vs_base['diff'])} pts [{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}]"
+                            f"; log p of the answer {shift(lp)}: {lp['diff']:+.3f} [{lp['lo']:+.3f}, "
+                            f"{lp['hi']:+.3f}], sign test p = {lp['p']:.2g})")
+    # each distinct (prompt, variant, heads) was computed once, whatever its number of rows
+    runs = {(*_prompt(r), r["variant"], json.dumps(r["heads"])): r for r in grp if r["role"] != "baseline"}
+    if runs:
+        spent = sum(r["prefill_seconds"] for r in runs.values())
+        full = sum(r["base_prefill_seconds"] for r in runs.values())
+        # Per prompt, then the median: one prompt timed while the machine was busy or paused moves a total, not
+        # a median.
+        per = {}
+        for key, r in runs.items():
+            s, f = per.get(key[:4], (0.0, 0.0))
+            per[key[:4]] = (s + r["prefill_seconds"], f + r["base_prefill_seconds"])
+        med = statistics.median(1 - s / f for s, f in per.values())
+        lines += ["", f"Prefix reuse: the {len(runs)} DoPE prefills (one per distinct prompt and head set, controls "
+                      f"included) took {spent:.0f} s; from scratch they would have taken about {full:.0f} s (the "
+                      f"baseline's prefill time of the same prompt each); median saving per prompt "
+                      f"{100 * med:.0f}% (wall-clock times: read them only from a run on an otherwise idle "
+                      f"machine)."]
+    return lines
 
 
 def plot_heatmap(rows, args, path, noisy):
@@ -719,6 +740,9 @@ def parse_args(argv=None):
     p.add_argument("--report-heads", action="store_true",
                    help="only calibrate: print p1 per layer and the heads each rule picks, save the heatmaps")
     p.add_argument("--out", default="results/nih", help="folder for results.jsonl, plots and calibration")
+    p.add_argument("--summarize", nargs="+", metavar="DIR",
+                   help="run nothing: rebuild summary.md and the heatmaps in --out from the results.jsonl of these "
+                        "folders (every setting they hold, and all of them pooled)")
     a = p.parse_args(argv)
     bad = [v for v in a.variant if v not in VARIANTS]
     if bad:
@@ -736,8 +760,27 @@ def parse_args(argv=None):
     return a
 
 
+def summarize_dirs(dirs, args) -> list:
+    """--summarize: the summary of finished runs, without loading a model."""
+    rows = []
+    for d in dirs:
+        f = Path(d) / "results.jsonl"
+        if not f.is_file():
+            raise SystemExit(f"error: {f} does not exist (give folders that an eval_nih.py run wrote to)")
+        rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise SystemExit(f"error: no results in {', '.join(dirs)}")
+    args.model_name = rows[0]["model"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return summarize(rows, args, out)
+
+
 if __name__ == "__main__":
     args = parse_args()
+    if args.summarize:
+        summarize_dirs(args.summarize, args)
+        raise SystemExit(0)
     if args.model == DEFAULT_MODEL:
         from setup_weights import ensure_weights
 

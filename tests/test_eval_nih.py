@@ -253,3 +253,24 @@ def test_summary_verdicts_follow_the_intervals(tmp_path):
     rows = rows_for({"none": base, "all": [1] * 38 + [0] * 2, "all~random": [1] * 37 + [0] * 3})
     v = eval_nih.summarize(rows, args, tmp_path)
     assert "gain over the baseline, but not beyond the random-head control" in v[0]
+
+
+def test_summarize_dirs_pools_settings_as_pairs(tmp_path):
+    """--summarize rebuilds the summary from results.jsonl files alone: one table per setting and a pooled one
+    whose prompts stay paired (two settings of 10 prompts, each +2 for the rule: pooled 20 prompts, +4)."""
+    base = [1] * 5 + [0] * 5
+    for L, d in ((4096, "a"), (8192, "b")):
+        rows = rows_for({"none": base, "all": [1] * 7 + [0] * 3, "all~random": base})
+        for r in rows:
+            r["length"] = L
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = parse_args(["--out", str(tmp_path / "sum")])
+    verdicts = eval_nih.summarize_dirs([str(tmp_path / "a"), str(tmp_path / "b")], args)
+    text = (tmp_path / "sum" / "summary.md").read_text()
+    assert "pooled over 2 settings" in text and "20 prompts" in text
+    assert [v.split(",")[0] for v in verdicts] == ["4096 tokens", "8192 tokens", "pooled"]
+    assert "| all | rule | per setting | 14/20 |" in text and "(0/4, p=0.12)" in text
+    assert (tmp_path / "sum" / "heatmap_noisy0.png").is_file()
+    with pytest.raises(SystemExit, match="does not exist"):
+        eval_nih.summarize_dirs([str(tmp_path / "nowhere")], args)
