@@ -464,8 +464,7 @@ def run(args):
                 todo += len(missing)
                 starts = {(m.variant, tuple(m.heads)): min(h[0] for h in m.heads) if m.heads and args.reuse else 0
                           for m in missing}
-                work += (1.0 if missing else 0.0) + sum(1 - f / c.n_layer for f in starts.values() if f > 0) + \
-                    sum(1.0 for (v, heads), f in starts.items() if f == 0 and heads)
+                work += (1.0 if missing else 0.0) + sum(1 - f / c.n_layer for (_, heads), f in starts.items() if heads)
             if todo and calib is not None:
                 print(f"   {todo} of {len(prompts) * per_prompt} cells to run ({len(prompts)} prompts x "
                       f"{per_prompt} methods): about {work:.1f} full prefills of ~{calib['seconds']:.0f} s each "
@@ -631,7 +630,8 @@ def _table(grp, title, label, verdicts) -> list:
         med = statistics.median(1 - s / f for s, f in per.values())
         lines += ["", f"Prefix reuse: the {len(runs)} DoPE prefills (one per distinct prompt and head set, controls "
                       f"included) took {spent:.0f} s; from scratch they would have taken about {full:.0f} s (the "
-                      f"baseline's prefill time of the same prompt each); median saving per prompt "
+                      f"baseline's prefill time of the same prompt each); they started at layer "
+                      f"{statistics.mean(r['first_layer'] for r in runs.values()):.1f} on average; median saving per prompt "
                       f"{100 * med:.0f}% (wall-clock times: read them only from a run on an otherwise idle "
                       f"machine)."]
     return lines
@@ -767,7 +767,7 @@ def summarize_dirs(dirs, args) -> list:
         f = Path(d) / "results.jsonl"
         if not f.is_file():
             raise SystemExit(f"error: {f} does not exist (give folders that an eval_nih.py run wrote to)")
-        rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows += load_done(f).values()
     if not rows:
         raise SystemExit(f"error: no results in {', '.join(dirs)}")
     args.model_name = rows[0]["model"]

@@ -222,7 +222,7 @@ def rows_for(scores: dict, logprobs: dict | None = None):
         role = "baseline" if name == "none" else ("random" if "~" in name else "rule")
         for i, x in enumerate(s):
             lp = (logprobs or {}).get(name, [-1.0] * len(s))[i]
-            out.append(dict(model="m", length=4096, noisy=0, depth=i / 10, trial=0, method=name, variant=variant,
+            out.append(dict(cell=f"{name}/{i}", model="m", length=4096, noisy=0, depth=i / 10, trial=0, method=name, variant=variant,
                             role=role, heads=[] if name == "none" else [(1, 1)], score=x, logprob=lp, first_layer=1,
                             prefill_seconds=1.0, base_prefill_seconds=2.0))
     return out
@@ -240,7 +240,7 @@ def test_summary_verdicts_follow_the_intervals(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert "| all | rule |" in text and "median saving per prompt 50%" in text
     # 40 prompts x 3 variants: a rule and its control share a head set in these synthetic rows, so each ran once
-    assert "the 120 DoPE prefills" in text
+    assert "the 120 DoPE prefills" in text and "started at layer 1.0 on average" in text
     assert len(verdicts) == 3 and n == len(base)
     assert "DoPE-all: gain beyond the random-head control" in verdicts[0]
     assert "DoPE-parts: no difference" in verdicts[1]  # one prompt more is noise
