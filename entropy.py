@@ -74,7 +74,7 @@ def vanilla_entropy(S):
 
     0 for a rank-one Gram, ln d for an isotropic one. (..., d, d) -> (...).
     """
-    return _plogp(spectrum(S)).sum(-1)
+    return spectrum_scores(spectrum(S), "vanilla")
 
 
 def _check_rank(r, d):
@@ -96,9 +96,7 @@ def truncated_entropy(S, r):
     (the flattest head scores lowest). spectral_share() gives p1 directly.
     (..., d, d) -> (...); r must be an int in [1, d].
     """
-    p = spectrum(S)
-    r = _check_rank(r, p.shape[-1])
-    return _plogp(p[..., :r]).sum(-1)
+    return spectrum_scores(spectrum(S), "trunc", r)
 
 
 def truncated_entropy_renorm(S, r):
@@ -108,11 +106,7 @@ def truncated_entropy_renorm(S, r):
     at r = 1 it is the constant 0 for every head (exp = 1), so it cannot rank heads there: use r >= 2.
     (..., d, d) -> (...); r must be an int in [1, d].
     """
-    p = spectrum(S)
-    r = _check_rank(r, p.shape[-1])
-    top = p[..., :r]
-    top = top / top.sum(-1, keepdim=True)  # v1 Eq. 30; p1 > 0 since tr(S) > 0
-    return _plogp(top).sum(-1)
+    return spectrum_scores(spectrum(S), "renorm", r)  # p1 > 0 since tr(S) > 0
 
 
 def spectral_share(S):
@@ -120,7 +114,7 @@ def spectral_share(S):
 
     The size of the rank-one spike of v1 Sec. 4.2. Rank heads by it descending. (..., d, d) -> (...).
     """
-    return spectrum(S)[..., 0]
+    return spectrum_scores(spectrum(S), "spectral")
 
 
 def head_scores(grams, metric="trunc", r=1):
@@ -129,14 +123,24 @@ def head_scores(grams, metric="trunc", r=1):
     grams: (..., d, d), e.g. (n_layer, n_head, d, d). Returns (...) float64. r is used by "trunc" and "renorm" only.
     Pair the score with its order in select_heads(): "trunc" -> "asc", "vanilla" -> "desc", "spectral" -> "desc".
     """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
+    return spectrum_scores(spectrum(grams), metric, r)
+
+
+def spectrum_scores(p, metric="trunc", r=1):
+    """head_scores() from normalised spectra p (..., d), as spectrum() returns them. Every metric is a function of
+    p alone, so a calibration can keep the spectra (d numbers per head) instead of the Grams (d^2)."""
+    p = torch.as_tensor(p, dtype=torch.float64)
     if metric == "trunc":
-        return truncated_entropy(grams, r)
+        return _plogp(p[..., :_check_rank(r, p.shape[-1])]).sum(-1)  # H^r, v1 Eq. 23-30 / v2 Eq. 11
     if metric == "vanilla":
-        return vanilla_entropy(grams)
+        return _plogp(p).sum(-1)
     if metric == "renorm":
-        return truncated_entropy_renorm(grams, r)
+        top = p[..., :_check_rank(r, p.shape[-1])]
+        return _plogp(top / top.sum(-1, keepdim=True)).sum(-1)  # v1 Eq. 30
     if metric == "spectral":
-        return spectral_share(grams)
+        return p[..., 0]
     raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
 
 

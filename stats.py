@@ -9,12 +9,12 @@ needs intervals, and a method compared with the baseline on the same prompts nee
 - newcombe_paired(a, b, c, d): a 95% interval for the difference of two paired proportions (Newcombe 1998, Stat. Med.
   17:2635, method 10: Wilson intervals of the two margins, combined with their estimated correlation).
 - paired(base, method): all of the above for two lists of 0/1 scores on the same prompts.
-- paired_mean(base, method): a continuous paired measure (e.g. log-probabilities): the mean difference, a seeded
-  bootstrap 95% interval over prompts, and the sign test on the signs of the differences.
+- median_interval(x) / paired_median(base, method): the exact, distribution-free 95% interval of a median (of the
+  paired differences) from order statistics, the inversion of the sign test: it excludes 0 exactly when the sign
+  test rejects at 5%, so an interval and a p-value can never disagree (ties at exactly 0 count for no shift).
 """
 
 import math
-import random
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -76,17 +76,34 @@ def paired(base: list, method: list) -> dict:
     return {"diff": (c - b) / len(base), "lo": lo, "hi": hi, "b": b, "c": c, "p": sign_test(b, c)}
 
 
-def paired_mean(base: list, method: list, resamples: int = 10_000, seed: int = 0) -> dict:
-    """A continuous paired measure on the same prompts (e.g. the log-probability of the answer): the mean of
-    method - base, a bootstrap 95% percentile interval of that mean (prompts resampled with replacement, seeded,
-    so the report is reproducible), and the exact sign test on how many differences are negative / positive."""
+def median_interval(x: list, level: float = 0.95) -> tuple[float, float]:
+    """Exact distribution-free interval for the median of x: (x_(k), x_(n+1-k)) of the sorted values, with the
+    largest k such that P(Binomial(n, 1/2) <= k - 1) <= (1 - level) / 2; its coverage is at least `level`. Below
+    6 values no such k exists at 95% and the interval is (-inf, inf): too few prompts to locate a median."""
+    if not x or not all(math.isfinite(v) for v in x):
+        raise ValueError("median_interval() needs a non-empty list of finite values")
+    n, xs, alpha = len(x), sorted(x), (1 - level) / 2
+    k, cdf = 0, 0.0
+    while True:
+        cdf += math.comb(n, k) / 2**n  # P(Bin <= k)
+        if cdf > alpha:
+            break
+        k += 1
+    if k == 0:
+        return -math.inf, math.inf
+    return xs[k - 1], xs[n - k]
+
+
+def paired_median(base: list, method: list) -> dict:
+    """A continuous paired measure on the same prompts (e.g. the log-probability of the answer), decided by one rule:
+    the median of method - base with its exact 95% interval (median_interval); a shift counts when the interval
+    excludes 0, which is the sign test at 5% (its p is reported too). The mean difference is descriptive."""
     if len(base) != len(method) or not base:
         raise ValueError(f"paired values need two equal, non-empty lists, got {len(base)} and {len(method)}")
     diffs = [y - x for x, y in zip(base, method)]
-    if not all(math.isfinite(x) for x in diffs):
-        raise ValueError("paired_mean() needs finite values")
-    n, rng = len(diffs), random.Random(seed)
-    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(resamples))
-    neg, pos = sum(x < 0 for x in diffs), sum(x > 0 for x in diffs)
-    return {"diff": sum(diffs) / n, "lo": means[int(0.025 * resamples)], "hi": means[int(0.975 * resamples) - 1],
-            "neg": neg, "pos": pos, "p": sign_test(neg, pos)}
+    lo, hi = median_interval(diffs)
+    neg, pos = sum(d < 0 for d in diffs), sum(d > 0 for d in diffs)
+    xs, n = sorted(diffs), len(diffs)
+    median = (xs[(n - 1) // 2] + xs[n // 2]) / 2
+    return {"diff": median, "lo": lo, "hi": hi, "mean": sum(diffs) / n, "neg": neg, "pos": pos,
+            "p": sign_test(neg, pos)}

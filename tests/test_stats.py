@@ -3,7 +3,9 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from stats import newcombe_paired, paired, paired_mean, sign_test, wilson
+import math
+
+from stats import median_interval, newcombe_paired, paired, paired_median, sign_test, wilson
 
 
 def test_wilson_known_values():
@@ -63,15 +65,34 @@ def test_paired_counts_discordant_prompts_only():
         wilson(3, 2)
 
 
-def test_paired_mean_is_reproducible_and_brackets_the_mean():
+def test_median_interval_known_values():
+    """Order-statistic intervals for the median (Conover, Practical Nonparametric Statistics, Table A3): n = 6 ->
+    ranks (1, 6); n = 10 -> (2, 9); n = 20 -> (6, 15); below 6 values no 95% interval exists."""
+    assert median_interval(list(range(1, 7))) == (1, 6)
+    assert median_interval(list(range(1, 11))) == (2, 9)
+    assert median_interval(list(range(1, 21))) == (6, 15)
+    assert median_interval([3.0, 1.0, 2.0]) == (-math.inf, math.inf)
+    with pytest.raises(ValueError):
+        median_interval([1.0, float("nan")])
+
+
+@given(st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=60))
+def test_median_interval_excludes_zero_exactly_when_the_sign_test_rejects(diffs):
+    """The decision rule for log-probabilities: the interval and the sign test never disagree."""
+    r = paired_median([0.0] * len(diffs), diffs)
+    assert r["lo"] <= r["diff"] <= r["hi"]
+    if r["neg"] + r["pos"] == len(diffs):  # exact zeros are dropped by the test and can sit at an interval's end
+        assert (r["lo"] > 0 or r["hi"] < 0) == (r["p"] <= 0.05)
+
+
+def test_paired_median_reports_median_mean_and_signs():
     base = [-3.0, -2.5, -4.0, -1.0, -2.0, -3.5]
     method = [-2.0, -2.6, -3.0, -0.5, -2.0, -2.5]
-    r = paired_mean(base, method)
-    assert r == paired_mean(base, method)  # seeded bootstrap
-    assert r["diff"] == pytest.approx(sum(m - b for b, m in zip(base, method)) / 6)
-    assert r["lo"] <= r["diff"] <= r["hi"] and (r["neg"], r["pos"]) == (1, 4)
-    assert r["p"] == pytest.approx(sign_test(1, 4))
-    flat = paired_mean([1.0, 2.0], [1.5, 2.5])  # every difference 0.5: a degenerate interval at 0.5
-    assert (flat["lo"], flat["hi"]) == pytest.approx((0.5, 0.5))
+    r = paired_median(base, method)
+    assert r["diff"] == pytest.approx(0.75) and r["mean"] == pytest.approx(sum(m - b for b, m in zip(base, method)) / 6)
+    assert (r["neg"], r["pos"]) == (1, 4) and r["p"] == pytest.approx(sign_test(1, 4))
+    assert (r["lo"], r["hi"]) == pytest.approx((-0.1, 1.0))  # ranks 1 and 6 of the six differences
     with pytest.raises(ValueError):
-        paired_mean([1.0], [float("-inf")])
+        paired_median([1.0], [1.0, 2.0])
+
+
