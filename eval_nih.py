@@ -1,48 +1,55 @@
 """
-Needle in a haystack with DoPE (Xiong et al., arXiv 2511.09146, Sec. 5 / Table 1), from calibration to a heatmap,
+Needle in a haystack with DoPE (Xiong et al., arXiv 2511.09146, Sec. 5 / Table 1), from calibration to a verdict,
 with the controls and statistics that tell a DoPE gain from noise.
 
     python eval_nih.py --len 64k --variant parts
-    python eval_nih.py --len 8k,16k --variant none,parts,all,gaussian --noisy 0,4 --depths 11 --trials 5
+    python eval_nih.py --len 24k --variant parts,gaussian --order asc,desc --noisy 4 --out docs/results/24k-noisy
 
-For each length and noise setting: (1) calibrate: score every (layer, head) on a calibration prompt of the target
-length with its own needle (never a test prompt) and pick the heads each variant denoises; (2) for each depth and
-needle, build a prompt of exactly that many tokens and run every method on it: the baseline, each DoPE variant with
-its rule's heads, and a matched control per variant (the same variant on as many heads drawn at random); greedy,
-stop at a newline, score by exact match of the needle's number (RULER's string match: no judge model), and record
-the teacher-forced log-probability of the right answer, a continuous measure that moves before a greedy answer
-flips; (3) append one JSON record per (prompt, method) to results.jsonl as it finishes, so an interrupted run
-resumes where it stopped; (4) print (and save as summary.md) a table with 95% intervals, each method against the
-baseline and each DoPE variant against its control on the same prompts, a verdict per variant, and heatmaps.
+For each length and noise setting (the story of this file, top to bottom):
+  1. prompts: every prompt of a setting is cut from one token stream (chat header + haystack): the needle (and, in
+     the noisy setting, sink tokens) goes in at a sentence boundary near the depth, then the rest of the haystack,
+     the question and the start of the answer; exactly `length` tokens.
+  2. calibration: score every (layer, head) on a calibration prompt of the target length with its own needle (never
+     a test prompt) and keep the spectra of the six criteria; each rule picks its heads from them.
+  3. methods: the baseline, each DoPE variant with its rule's heads (with --order asc,desc both readings of the rule:
+     the spikiest, low-entropy heads or the flattest ones lose their position), and fixed random-head controls
+     (seeded per setting, never a rule's head).
+  4. the run: the tokens before a needle are the same for every prompt of the setting, so each head set prefills the
+     haystack once and every prompt only its tail (exact shared-prefix reuse); a DoPE head set also starts at its
+     first denoised layer from the baseline's hidden state (exact layer reuse). Greedy answers stop at a newline and
+     are scored by exact match of the needle's number (RULER's string match); the teacher-forced log-probability of
+     the right answer is recorded too. One JSON record per (prompt, method) is appended to results.jsonl as soon as
+     it is known, so a run interrupted on one machine resumes on another from the committed file.
+  5. report.py turns the records into tables with 95% intervals, verdicts and heatmaps (summary.md).
 
-Defaults follow shared/DOPE_METHOD.md Sec. 6 (the paper's best 64K rows of Table 1): query, post_ntk, truncated
-entropy r = 1, 5 heads, ascending (original 64K row), and with --noisy, by-all uses key, post_ntk, r = 8, 1 head,
-descending (noisy 64K row). Every one is a flag; --sweep runs a grid of rules and labels the best row for what it is,
-the best of a sweep on the test prompts (as the paper's Table 1 rows are). Beyond the native context the paper's
-Dynamic NTK is on by default.
-
-Exact reuse of work: a denoised head changes nothing below its layer, so every method starts from the baseline's
-hidden state at its first denoised layer and reads the baseline's KV cache below it (bit-identical answers; --no-reuse
-recomputes everything).
+The default rule (query, post_ntk, truncated entropy r = 1, 5 heads, ascending) is the paper's best original-64K row;
+with --noisy, by-all uses key, post_ntk, r = 8, 1 head, descending (its noisy-64K row). Every part of a rule is a
+flag; --sweep runs a grid of rules and labels its best row as what it is, the best of a sweep on the test prompts.
+Beyond the native context the paper's static Dynamic NTK is on by default. docs/METHOD.md has the method's reading.
 """
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import random
-import statistics
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import entropy
+import report
+from report import append_record, load_done
 from dope import DopePlan, apply_dope, remove_dope
 from model import Tokenizer, Transformer
-from stats import paired, paired_mean, wilson
 
-DEFAULT_MODEL = "weights/SmolLM2-135M-Instruct"
+PROJECT = Path(__file__).resolve().parent
+DEFAULT_MODEL = PROJECT / "weights" / "SmolLM2-135M-Instruct"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "  # RULER's noise
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
@@ -51,15 +58,16 @@ KEYS = ["the blue whale", "the silent harbor", "the copper kettle", "the norther
         "the winter falcon", "the velvet staircase", "the amber compass", "the hidden meadow", "the iron violin"]
 CALIB_KEY = "the calibration lighthouse"  # never used by a test prompt
 VARIANTS = ("none", "parts", "all", "gaussian")
-CONTROLS = ("random", "flip")
+REUSE = ("prefix", "layers", "none")
+TAIL_CHUNK = 4096  # a tail meets a cached prefix: its mask is tail x length, so bound it
 
-# Head-selection rule per variant: the paper's best 64K rows (Table 1; DOPE_METHOD.md Sec. 6).
+# Head-selection rule per variant: the paper's best 64K rows (Table 1).
 RULE_ORIGINAL = dict(k=5, criterion="query/post_ntk", metric="trunc", r=1, order="asc")
 RULE_NOISY_ALL = dict(k=1, criterion="key/post_ntk", metric="trunc", r=8, order="desc")
 
 
 # -----------------------------------------------------------------------------
-# Lengths and prompts
+# 1. Prompts
 
 
 def parse_len(s: str) -> int:
@@ -80,42 +88,51 @@ class Prompt:
     key: str
     value: str
     depth: float  # requested, in [0, 1]
-    needle_at: int  # token index where the needle starts
+    needle_at: int  # token index where the needle starts: ids[:needle_at] is the setting's shared stream
     actual_depth: float  # where it landed within the haystack, after snapping to a sentence boundary
 
 
 class PromptBuilder:
-    """Token-exact prompts: chat template + haystack with a needle + question + answer prefix = exactly `length`
-    tokens. The pieces are tokenized separately and the haystack is cut at the token level, which makes the length
-    exact without RULER's binary search over the filler text."""
+    """Token-exact prompts cut from one stream: chat header + haystack, then (from the needle on) needle, sinks,
+    the rest of the haystack, question and answer prefix = exactly `length` tokens. The pieces are tokenized apart and
+    the haystack is cut at the token level, so lengths are exact without RULER's search over the filler text, and
+    the tokens before a needle are the same tokens at the same positions in every prompt (what makes the haystack's
+    keys and values reusable)."""
 
     def __init__(self, tok: Tokenizer, haystack_text: str = FILLER, sink_id: int | None = None, needle: str = NEEDLE,
                  question: str = QUESTION, answer_prefix: str = ANSWER_PREFIX):
-        if "{value}" not in needle:
-            raise ValueError(f"the needle template {needle!r} must contain {{value}} (and usually {{key}})")
+        check_templates(needle, question, answer_prefix)
         self.tok, self.sink_id = tok, sink_id
         self.needle, self.question, self.answer_prefix = needle, question, answer_prefix
         self.unit = tok.encode(haystack_text)
         if len(self.unit) < 8:
-            raise ValueError("the haystack text is too short")
+            raise ValueError("the haystack text is too short (fewer than 8 tokens)")
         # sentence boundaries: positions right after a token that ends a sentence
         self.unit_bounds = [i + 1 for i, t in enumerate(self.unit) if tok.decode([t]).rstrip().endswith((".", "!", "?"))]
+        self.head = self._split(CALIB_KEY)[0]
+
+    def _split(self, key):
+        marker = "\x00HAYSTACK\x00"
+        chat = self.tok.chat([{"role": "user", "content": marker + "\n\n" + self.question.format(key=key)}])
+        before, after = chat.split(marker)
+        return self.tok.encode(before), self.tok.encode(after + self.answer_prefix.format(key=key))
 
     def haystack(self, n: int):
         reps = n // len(self.unit) + 1
         bounds = [0] + [r * len(self.unit) + b for r in range(reps) for b in self.unit_bounds]
         return (self.unit * reps)[:n], [b for b in bounds if b <= n]
 
+    def stream(self, n: int) -> list:
+        """The first n tokens shared by every prompt of a setting: chat header, then haystack."""
+        return (self.head + self.haystack(n)[0])[:n]
+
     def build(self, length: int, depth: float, key: str, value: str, noisy: int = 0) -> Prompt:
         """noisy: that many sink tokens (the model's BOS) right after the needle, the paper's noisy setup."""
-        marker = "\x00HAYSTACK\x00"
-        chat = self.tok.chat([{"role": "user", "content": marker + "\n\n" + self.question.format(key=key)}])
-        before, after = chat.split(marker)
-        head = self.tok.encode(before)
-        tail = self.tok.encode(after + self.answer_prefix.format(key=key))
+        head, tail = self._split(key)
+        assert head == self.head, "the chat header before the haystack must not depend on the key"
         needle = self.tok.encode(" " + self.needle.format(key=key, value=value) + " ")
         if noisy and self.sink_id is None:
-            raise ValueError("--noisy needs a BOS token id in config.json")
+            raise ValueError("--noisy needs a BOS token id (bos_token_id in config.json)")
         sinks = [self.sink_id] * noisy
         n = length - len(head) - len(tail) - len(needle) - len(sinks)
         if n < 16:
@@ -128,6 +145,24 @@ class PromptBuilder:
         return Prompt(ids, key, value, depth, len(head) + at, at / n)
 
 
+def check_templates(needle: str, question: str, answer_prefix: str):
+    """Each template may use only its own fields; the needle must hold {value} and {key}, the question {key}."""
+    import string
+
+    for name, t, need in (("needle", needle, {"key", "value"}), ("question", question, {"key"}),
+                          ("answer prefix", answer_prefix, set())):
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(t) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"the {name} template {t!r} is not a format string: {e}") from None
+        allowed = {"key", "value"} if name == "needle" else {"key"}
+        if fields - allowed:
+            raise ValueError(f"the {name} template {t!r} uses unknown field(s) {sorted(fields - allowed)}: "
+                             f"only {{{'}, {'.join(sorted(allowed))}}} are filled in")
+        if need - fields:
+            raise ValueError(f"the {name} template {t!r} must contain {{{'}, {'.join(sorted(need - fields))}}}")
+
+
 def needle_value(seed: int, *parts) -> str:
     """A 7-digit number, deterministic per (seed, length, depth, trial)."""
     return str(random.Random(f"{seed}|" + "|".join(map(str, parts))).randint(1_000_000, 9_999_999))
@@ -138,26 +173,115 @@ def score(answer: str, expected: str) -> int:
     return int(expected in answer)
 
 
+def depths(n: int):
+    return [round(i / (n - 1), 4) for i in range(n)] if n > 1 else [0.5]
+
+
+def setting_prompts(builder: PromptBuilder, length: int, noisy: int, args) -> list:
+    """(depth, trial, Prompt) for every prompt of one setting."""
+    return [(d, t, builder.build(length, d, KEYS[t % len(KEYS)], needle_value(args.seed, length, d, t), noisy))
+            for d in depths(args.depths) for t in range(args.trials)]
+
+
 # -----------------------------------------------------------------------------
-# Methods: the baseline, DoPE with a rule's heads, and the controls
+# What a result depends on: the model by its files' content, the haystack by its text, every flag that moves a logit
+
+
+def file_digest(*paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def model_id(folder) -> str:
+    """The identity of a checkpoint: its config and every weights file, by content (a different checkpoint in a
+    folder of the same name is a different model)."""
+    folder = Path(folder)
+    files = [folder / "config.json"] + sorted(folder.glob("*.safetensors"))
+    return file_digest(*files)
+
+
+def identity(args, model_fp: str, haystack_text: str, factor) -> dict:
+    """Everything a record and a calibration depend on besides the prompt and the method."""
+    return dict(model=model_fp, haystack=hashlib.sha256(haystack_text.encode()).hexdigest()[:16], ntk=factor,
+                seed=args.seed, dtype=args.dtype, device=args.device.split(":")[0], chunk=args.chunk,
+                max_new_tokens=args.max_new_tokens,
+                needle=args.needle, question=args.question, answer_prefix=args.answer_prefix)
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# -----------------------------------------------------------------------------
+# 2. Calibration
+
+
+def calibrate(model, builder, length, noisy, args, out: Path, ident: dict) -> dict:
+    """Spectra of every criterion on the calibration prompt (its own needle and key), kept in out/ under a name
+    that hashes everything they depend on. A damaged file is reported and recomputed."""
+    key = dict(ident, length=length, noisy=noisy, calib_key=CALIB_KEY, max_new_tokens=None)
+    path = out / f"calib_{length}_noisy{noisy}_{digest(key)}.pt"
+    if path.exists():
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved.get("key") == key:
+                return saved
+            warnings.warn(f"{path} was computed for other settings; recomputing it")
+        except Exception as e:  # a truncated or foreign file: a cache, so recompute
+            warnings.warn(f"{path} is damaged ({type(e).__name__}: {e}); recomputing it")
+    p = builder.build(length, 0.5, CALIB_KEY, needle_value(args.seed, "calib", length), noisy)
+    t0 = time.time()
+    with LayerProgress(model, length, 1.0, f"calibration, {length} tokens, noisy={noisy}"):
+        # float32 per-chunk Gram products summed in float64: within 1e-6 of all-float64 scores, about half the cost
+        grams = entropy.score_model(model, torch.tensor([p.ids], device=args.device),
+                                    chunk=min(args.chunk or length, length), gram_dtype=torch.float32,
+                                    progress=False)
+    spectra = {c: entropy.spectrum(g).cpu() for c, g in grams.items()}  # (L, H, d): all any metric needs
+    saved = {"key": key, "spectra": spectra, "seconds": time.time() - t0}
+    write_atomic(path, lambda f: torch.save(saved, f))
+    return saved
+
+
+def write_atomic(path: Path, write):
+    """write(f) into a temporary file beside path, then rename it over path: a crash leaves the old file or none."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# 3. Methods: the baseline, DoPE with a rule's heads, and fixed random-head controls
 
 
 @dataclass
 class Method:
-    """One row of the results. role: baseline | rule (the documented default) | random (control: the same variant
-    on k heads drawn at random, a fresh draw per prompt) | flip (control: the k heads at the other end of the
-    ranking) | sweep (one point of --sweep)."""
-    name: str  # "none", "parts", "parts~random", "parts~flip", "parts[key/post_ntk trunc r=8 k=1 desc]"
+    """One row of the results. role: baseline | rule | random (control: the same variant on k heads drawn at random
+    once per setting, never a rule's head) | sweep (one point of --sweep)."""
+    name: str  # "none", "parts/asc", "parts/desc", "parts/random0", "parts[key/post_ntk trunc r=8 k=1 desc]"
     variant: str  # none | parts | all | gaussian
     role: str
     rule: dict | None = None
     heads: list = field(default_factory=list)
 
+    @property
+    def head_set(self):
+        return self.variant, tuple(map(tuple, self.heads))
+
 
 def rule_for(variant: str, args, noisy: int) -> dict:
     """The head-selection rule of a variant: the paper's default, overridden by any flag the user gave."""
     base = dict(RULE_NOISY_ALL if (variant == "all" and noisy) else RULE_ORIGINAL)
-    for k in base:
+    for k in ("k", "criterion", "metric", "r"):
         if getattr(args, k) is not None:
             base[k] = getattr(args, k)
     return base
@@ -169,8 +293,7 @@ def rule_name(variant: str, rule: dict) -> str:
 
 def control_heads(n_layer: int, n_head: int, k: int, exclude, seed, *parts) -> list:
     """k (layer, head) pairs drawn uniformly at random among the heads not in `exclude`, reproducible from
-    (seed, *parts): each prompt gets its own draw, so a control row averages over as many random head sets as it
-    has prompts."""
+    (seed, *parts)."""
     exclude = {tuple(h) for h in exclude}
     pool = [(layer, h) for layer in range(n_layer) for h in range(n_head) if (layer, h) not in exclude]
     if not 1 <= k <= len(pool):
@@ -179,15 +302,15 @@ def control_heads(n_layer: int, n_head: int, k: int, exclude, seed, *parts) -> l
 
 
 class Selector:
-    """Scores of one calibration (cached per criterion, metric and r) -> the heads of a rule."""
+    """Spectra of one calibration -> each rule's scores (cached) and heads."""
 
     def __init__(self, calib):
-        self.grams, self.cache = calib["grams"], {}
+        self.spectra, self.cache = calib["spectra"], {}
 
     def scores(self, rule):
         key = (rule["criterion"], rule["metric"], rule["r"])
         if key not in self.cache:
-            self.cache[key] = entropy.head_scores(self.grams[rule["criterion"]], rule["metric"], rule["r"])
+            self.cache[key] = entropy.spectrum_scores(self.spectra[rule["criterion"]], rule["metric"], rule["r"])
         return self.cache[key]
 
     def heads(self, rule):
@@ -199,40 +322,90 @@ def sweep_rules(args):
             for r in (args.sweep_r if m in ("trunc", "renorm") else [1]) for k in args.sweep_k for o in args.sweep_order]
 
 
-def fixed_methods(sel: Selector, args, noisy: int) -> list:
-    """The methods whose heads come from the calibration alone: the same for every test prompt."""
+def methods_for(sel: Selector, args, n_layer: int, n_head: int, length: int, noisy: int) -> list:
+    """Every method of one setting, the same for each of its prompts: baseline, each variant's rule in each order of
+    --order (default: the rule's own), the sweep, then --random-sets fixed control head sets per variant."""
     methods = [Method("none", "none", "baseline")]
     for v in args.variant[1:]:
-        rule = rule_for(v, args, noisy)
-        methods.append(Method(v, v, "rule", rule, sel.heads(rule)))
-        if "flip" in args.controls:
-            flip = dict(rule, order="desc" if rule["order"] == "asc" else "asc")
-            methods.append(Method(f"{v}~flip", v, "flip", flip, sel.heads(flip)))
+        base = rule_for(v, args, noisy)
+        for order in (args.order or {}).get(v, [base["order"]]):
+            rule = dict(base, order=order)
+            methods.append(Method(f"{v}/{order}", v, "rule", rule, sel.heads(rule)))
     if args.sweep:
         seen = {m.name for m in methods}
         for v in args.variant[1:]:
             for rule in sweep_rules(args):
-                name = rule_name(v, rule)
-                if name not in seen:
-                    seen.add(name)
-                    methods.append(Method(name, v, "sweep", rule, sel.heads(rule)))
+                if rule_name(v, rule) not in seen:
+                    seen.add(rule_name(v, rule))
+                    methods.append(Method(rule_name(v, rule), v, "sweep", rule, sel.heads(rule)))
+    chosen = {tuple(h) for m in methods if m.role == "rule" for h in m.heads}
+    for v in args.variant[1:]:
+        k = rule_for(v, args, noisy)["k"]
+        for i in range(args.random_sets):
+            heads = control_heads(n_layer, n_head, k, chosen, args.seed, length, noisy, v, i)
+            methods.append(Method(f"{v}/random{i}", v, "random", dict(k=k, set=i), heads))
     return methods
 
 
-def prompt_methods(fixed: list, cfg, args, length, noisy, depth, trial) -> list:
-    """fixed + a random-head control for each rule method, drawn for this prompt."""
-    out = list(fixed)
-    if "random" in args.controls:
-        for m in fixed:
-            if m.role == "rule":
-                heads = control_heads(cfg.n_layer, cfg.n_head, len(m.heads), m.heads, args.seed, length, noisy,
-                                      depth, trial, m.variant)
-                out.append(Method(f"{m.variant}~random", m.variant, "random", m.rule, heads))
-    return out
-
-
 # -----------------------------------------------------------------------------
-# One prompt, every method
+# 4. The run: shared haystack prefix, layer reuse, one record per (prompt, method)
+
+
+def first_layer(m: Method, reuse: str) -> int:
+    """A DoPE head changes nothing below its layer: a head set can start there (0: the whole forward)."""
+    return min(layer for layer, _ in m.heads) if m.heads and reuse != "none" else 0
+
+
+def cost(cfg, start: int, n: int) -> float:
+    """Work of n new tokens after `start` cached ones in one layer, in token units: the per-token matmuls (weights of
+    one layer, 2 flops per weight) plus attention (QK^T and AV over start + i keys, 4 n_head d flops per key), both
+    divided by the attention flops per key."""
+    per_token = 2 * (cfg.n_embd * cfg.head_dim * (2 * cfg.n_head + 2 * cfg.n_kv_head) + 3 * cfg.n_embd * cfg.n_hidden)
+    c0 = per_token / (4 * cfg.n_head * cfg.head_dim)
+    return n * (c0 + start) + n * n / 2
+
+
+def plan_work(cfg, methods, prompts, length, reuse: str, extra: int) -> float:
+    """Total work of a setting (the methods and prompts still to run) in full prefills of `length` tokens: each head
+    set's layers from its first denoised one, for the shared prefix once (reuse=prefix) and then every prompt's
+    tail, plus teacher forcing and greedy decoding (at most `extra` tokens each)."""
+    full = cost(cfg, 0, length)
+    sets = {m.head_set: 1 - first_layer(m, reuse) / cfg.n_layer for m in methods}
+    sets.setdefault(("none", ()), 1.0)  # the baseline always runs: the others read its lower layers
+    work = sum(sets.values()) * cost(cfg, 0, max((p.needle_at for _, _, p in prompts), default=0)) \
+        if reuse == "prefix" else 0.0
+    for _, _, p in prompts:
+        start = p.needle_at if reuse == "prefix" else 0
+        work += sum(sets.values()) * cost(cfg, start, length - start)
+        work += len(sets) * 2 * cost(cfg, length, extra)  # decode, one token at a time (an upper bound)
+    return work / full
+
+
+class LayerProgress:
+    """A progress bar inside prefills: forward hooks on the model's blocks advance it by each layer's work
+    (cost()/n_layer, in full prefills), so a 30-minute prefill shows where it is and an ETA."""
+
+    def __init__(self, model, length: int, total: float, desc: str):
+        from tqdm.auto import tqdm
+
+        self.cfg, self.full, self.hooks = model.config, cost(model.config, 0, length), []
+        self.bar = tqdm(total=total, desc=desc, unit="prefill", bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} "
+                        "prefills [{elapsed}<{remaining}]", mininterval=2, file=sys.stderr)
+        for block in model.layers:
+            self.hooks.append(block.register_forward_hook(self._hook))
+
+    def _hook(self, block, inputs, output):
+        x, pos = inputs[0], inputs[3]  # Block.forward(x (B, T, C), cos, sin, pos (T,), ...)
+        if x.shape[1]:
+            self.bar.update(cost(self.cfg, int(pos[0]), x.shape[1]) / self.cfg.n_layer / self.full)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.bar.close()
 
 
 @torch.inference_mode()
@@ -249,133 +422,292 @@ def answer_logprob(model, cache, logits, answer: list) -> float:
     return float(lp)
 
 
-def run_methods(model, ids, answer, methods, args, stop) -> dict:
-    """Every method on one prompt: {name: dict(new=token ids, logprob=float, seconds, prefill_seconds,
-    first_layer, base_prefill_seconds)}. The baseline's prefill always runs (the others start from it); methods
-    with the same variant and heads run once.
-
-    Exact reuse of work: a DoPE head changes nothing below its layer, so with args.reuse the baseline's prefill keeps
-    the hidden state entering each method's first denoised layer, and the method starts there, reading the
-    baseline's KV cache for the layers below (shared, not copied: a method's decode writes each position past the
-    prompt before reading it). The answers are bit-identical to a full recomputation (tests/test_eval_nih.py)."""
-    T, extra = len(ids), max(args.max_new_tokens, len(answer))
-    idx = torch.tensor([ids])
-    chunk = args.chunk or T
-
-    def first(m):
-        return min(layer for layer, _ in m.heads) if m.heads and args.reuse else 0
-
-    taps = {f: [] for f in {first(m) for m in methods} if f > 0}
+@torch.inference_mode()
+def answer_and_decode(model, head_set, cache, logits, answer, prompt_ids, max_new_tokens, stop, seed) -> dict:
+    """With the prompt in the cache: the answer's teacher-forced log-probability, then greedy decoding, under the
+    head set's DoPE plan."""
+    variant, heads = head_set
     t0 = time.time()
-    base = model.new_cache(1, T + extra)
-    base_logits = model.prefill(idx, base, chunk, taps=taps or None)
-    base_prefill = time.time() - t0
-    outs, done = {}, {}
-    for m in methods:
-        key = (m.variant, tuple(m.heads))
-        if key in done:  # e.g. a sweep point that picks the rule's heads
-            outs[m.name] = dict(done[key])
-            continue
-        t0 = time.time()
-        if not m.heads:
-            cache, logits, f, prefill = base, base_logits, 0, base_prefill
-        else:
-            f = first(m)
-            apply_dope(model, DopePlan(m.heads, m.variant, seed=args.seed))
-            cache = model.new_cache(1, T + extra)
-            for layer in range(f):
-                cache.k[layer], cache.v[layer] = base.k[layer], base.v[layer]
-            logits = model.prefill(idx, cache, chunk, from_layer=f, hidden=taps.get(f))
-            prefill = time.time() - t0
+    if heads:
+        apply_dope(model, DopePlan(list(heads), variant, seed=seed))
+    try:
+        lp = answer_logprob(model, cache, logits, answer)
+        new = model.generate(prompt_ids, max_new_tokens, stop, cache=cache, logits=logits)
+    finally:
+        remove_dope(model)
+    return dict(new=new, logprob=lp, decode_seconds=time.time() - t0)
+
+
+class HeadSetRunner:
+    """Runs the prompts of one setting for a list of methods, sharing every computation that is provably the same.
+
+    - Shared prefix (reuse="prefix"): prompt p is stream[:P] + tail with P = p.needle_at. Each head set prefills the
+      longest shared prefix once into its own KV cache; prompts then run deepest needle first, and each rewinds
+      the cache to its P (everything before P is still the stream's) and prefills only its tail.
+    - Layers (reuse != "none"): a DoPE head set's cache points at the baseline's for the layers below its first
+      denoised layer f, and its prefills start at f from the baseline's hidden state there (taps). The baseline runs
+      each tail first, so those shared layers hold the current prompt when a DoPE head set reads them; decoding
+      writes each position past the prompt before reading it.
+    Answers are identical to a full recomputation and log-probabilities agree to float rounding (different matmul
+    shapes): tests/test_eval_nih.py checks both."""
+
+    def __init__(self, model, methods, length: int, extra: int, chunk: int, reuse: str, device, seed: int):
+        self.model, self.length, self.extra, self.chunk, self.reuse, self.device, self.seed = \
+            model, length, extra, chunk, reuse, device, seed
+        self.valid = 0  # leading positions of the baseline's cache that still hold the shared stream
+        self.sets = {}  # head set -> first layer
+        for m in [Method("none", "none", "baseline")] + methods:
+            self.sets.setdefault(m.head_set, first_layer(m, reuse))
+        self.base_key = ("none", ())
+        self.caches = {}
+
+    def _prefill(self, head_set, ids, cache, taps=None, hidden=None):
+        variant, heads = head_set
+        f = self.sets[head_set]
+        chunk = (self.chunk or TAIL_CHUNK) if cache.pos else (self.chunk or len(ids))
+        if heads:
+            apply_dope(self.model, DopePlan(list(heads), variant, seed=self.seed))
         try:
-            lp = answer_logprob(model, cache, logits, answer)
-            new = model.generate(idx, args.max_new_tokens, stop, cache=cache, logits=logits)
+            return self.model.prefill(torch.tensor([ids], device=self.device), cache, chunk, from_layer=f,
+                                      hidden=hidden[f] if f else None, taps=taps)
         finally:
-            remove_dope(model)
-        seconds = time.time() - t0 + (base_prefill if not m.heads else 0)
-        done[key] = dict(new=new, logprob=lp, seconds=seconds, prefill_seconds=prefill, first_layer=f,
-                         base_prefill_seconds=base_prefill)
-        outs[m.name] = dict(done[key])
-    return outs
+            remove_dope(self.model)
+
+    def _cache(self, head_set):
+        if head_set not in self.caches:
+            cache = self.model.new_cache(1, self.length + self.extra)
+            base = self.caches.get(self.base_key)
+            for layer in range(self.sets[head_set]):  # shared with the baseline below the first denoised layer
+                cache.k[layer], cache.v[layer] = base.k[layer], base.v[layer]
+            self.caches[head_set] = cache
+        return self.caches[head_set]
+
+    def prefix(self, stream: list, wanted):
+        """Prefill the shared stream into the baseline's cache and each wanted head set's."""
+        taps = {f: [] for f in {self.sets[s] for s in wanted} if f > 0}
+        self._prefill(self.base_key, stream, self._cache(self.base_key), taps=taps)
+        for s in wanted:
+            if s != self.base_key:
+                self._prefill(s, stream, self._cache(s), hidden=taps)
+        self.valid = len(stream)
+
+    def prompt(self, ids: list, start: int, wanted, decode):
+        """Run the tail ids[start:] for the baseline and every wanted head set; decode(head_set, cache, logits) is
+        called for each while its cache holds the whole prompt."""
+        if start > self.valid:
+            raise RuntimeError(f"the cached shared prefix holds {self.valid} positions, the prompt needs {start}: "
+                               "run prompts deepest needle first")
+        for cache in self.caches.values():
+            cache.rewind(min(cache.pos, start))
+        base = self._cache(self.base_key)
+        self.valid = start  # the tail overwrites what followed
+        taps = {f: [] for f in {self.sets[s] for s in wanted} if f > 0}
+        t0 = time.time()
+        logits = self._prefill(self.base_key, ids[start:], base, taps=taps)
+        out = {}
+        if self.base_key in wanted:
+            out[self.base_key] = decode(self.base_key, base, logits) | {"prefill_seconds": time.time() - t0}
+        for s in wanted:
+            if s == self.base_key:
+                continue
+            t0 = time.time()
+            cache = self._cache(s)
+            logits = self._prefill(s, ids[start:], cache, hidden=taps)
+            out[s] = decode(s, cache, logits) | {"prefill_seconds": time.time() - t0}
+            if self.reuse != "prefix":
+                del self.caches[s]  # nothing to share with the next prompt
+        return out
 
 
 # -----------------------------------------------------------------------------
-# Calibration
+# Records: append-only JSONL, resumable across machines
 
 
-def calibrate(model, builder, length, noisy, args, out: Path):
-    """Grams of every criterion on the calibration prompt (its own needle and key), cached in out/."""
-    path = out / f"calib_{length}_noisy{noisy}.pt"
-    if path.exists():
-        return torch.load(path)
-    p = builder.build(length, 0.5, CALIB_KEY, needle_value(args.seed, "calib", length), noisy)
-    t0 = time.time()
-    # float32 per-chunk Gram products summed in float64: within 1e-6 of all-float64 scores, about half the cost
-    grams = entropy.score_model(model, torch.tensor([p.ids]), chunk=min(args.chunk or length, length),
-                                gram_dtype=torch.float32)
-    saved = {"grams": grams, "seconds": time.time() - t0}
-    torch.save(saved, path)
-    return saved
-
-
-def save_heads(sel: Selector, methods, length, noisy, args, out: Path):
-    """Each rule's heads as JSON and on the layers x heads heatmap of its score."""
-    for m in methods:
-        if m.role != "rule":
-            continue
-        scores = sel.scores(m.rule)
-        stem = out / f"heads_{length}_noisy{noisy}_{m.variant}"
-        entropy.plot_scores(scores, m.heads, stem.with_suffix(".png"),
-                            title=f"{args.model_name} at {length} tokens: heads for DoPE-{m.variant}",
-                            label=f"{m.rule['metric']} r={m.rule['r']} ({m.rule['criterion']})")
-        stem.with_suffix(".json").write_text(json.dumps(
-            {"rule": m.rule, "heads": m.heads, "scores": [scores[h].item() for h in m.heads]}, indent=1) + "\n")
-
-
-def report_heads(calib, length, noisy, args, out: Path):
-    """The spectral share p1 per layer (min / median / max over heads) for each criterion, and the heads each
-    variant's rule picks: what the detector sees on this model (DOPE_METHOD.md Sec. 2)."""
-    print(f"   calibration pass: {calib['seconds']:.0f} s")
-    for crit in ("query/post_ntk", "key/post_ntk", "query/pre_ntk"):
-        p1 = entropy.head_scores(calib["grams"][crit], "spectral")  # (L, H)
-        spike = (p1 >= 1 / math.e).float().mean().item()
-        print(f"   p1 = ||S||_2 / tr S, {crit}: {100 * spike:.0f}% of heads in the spike regime p1 >= 1/e")
-        print("   layer " + " ".join(f"{i:>4}" for i in range(p1.shape[0])))
-        for name, f in (("min", lambda x: x.min(-1).values), ("median", lambda x: x.median(-1).values),
-                        ("max", lambda x: x.max(-1).values)):
-            print(f"   {name:>5} " + " ".join(f"{v:4.2f}" for v in f(p1).tolist()))
-        entropy.plot_scores(p1, [], out / f"p1_{length}_noisy{noisy}_{crit.replace('/', '_')}.png",
-                            title=f"{args.model_name} at {length} tokens", label=f"spectral share p1 ({crit})")
-    sel = Selector(calib)
-    methods = [Method(v, v, "rule", rule_for(v, args, noisy)) for v in ("parts", "all", "gaussian")]
-    for m in methods:
-        m.heads = sel.heads(m.rule)
-        print(f"   DoPE-{m.variant}: {m.rule} -> heads {m.heads}")
-    save_heads(sel, methods, length, noisy, args, out)
-    print(f"   plots: {out}/p1_{length}_noisy{noisy}_*.png, {out}/heads_{length}_noisy{noisy}_*.png")
+def cell_id(ident: dict, length, noisy, depth, trial, m: Method) -> str:
+    return json.dumps([ident, length, noisy, depth, trial, m.name, m.rule, [list(h) for h in m.heads]],
+                      sort_keys=True)
 
 
 # -----------------------------------------------------------------------------
 # The run
 
 
-def estimate(model, length, args):
-    """Bytes the run needs at most (two KV caches, taps, activations, weights) and the bytes available."""
-    c, b = model.config, torch.finfo(model.embed_tokens.weight.dtype).bits // 8
-    k = max([rule_for(v, args, n)["k"] for v in args.variant[1:] for n in args.noisy] +
-            ([max(args.sweep_k)] if args.sweep else []) + [0])
-    T = length + args.max_new_tokens
-    # the baseline's cache and one method's (a layer with DoPE heads stores keys/values per query head)
-    kv = 2 * 2 * c.head_dim * T * b * (c.n_layer * c.n_kv_head + min(k, c.n_layer) * (c.n_head - c.n_kv_head))
+def run(args):
+    out = Path(args.out)
+    model_path = Path(args.model)
+    if not (model_path / "config.json").is_file():
+        raise SystemExit(f"error: --model {model_path}: no config.json there (see weights.md)")
+    tok = Tokenizer(model_path)
+    haystack = read_haystack(args.haystack_file)
+    model_fp = model_id(model_path)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = load_done(results)
+    all_rows = []
+    for length in args.len:
+        model, factor = load_model(model_path, length, args)
+        cfg = model.config
+        builder = PromptBuilder(tok, haystack, cfg.bos_token_id, args.needle, args.question, args.answer_prefix)
+        stop = stop_tokens(tok, cfg)
+        ident = identity(args, model_fp, haystack, factor)
+        print(f"== {model_path.name} at {length} tokens ({length / cfg.max_pos:.2f}x native {cfg.max_pos}), "
+              f"{describe_rope(cfg, factor)}, on {args.device} in {args.dtype}")
+        for noisy in args.noisy:
+            all_rows += run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, out, results, done)
+    if all_rows and not args.report_heads:
+        report.summarize(all_rows, out)
+    return all_rows
+
+
+def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, out, results, done) -> list:
+    cfg, model_name = model.config, Path(args.model).name
+    extra = args.max_new_tokens + 16
+    check_memory(model, [], length, extra, args)  # the baseline alone must fit: refuse before calibrating
+    calib = calibrate(model, builder, length, noisy, args, out, ident) \
+        if len(args.variant) > 1 or args.report_heads else None
+    if args.report_heads:
+        report_heads(calib, cfg, length, noisy, args, out)
+        return []
+    sel = Selector(calib) if calib else None
+    methods = methods_for(sel, args, cfg.n_layer, cfg.n_head, length, noisy)
+    if sel:
+        save_heads(sel, methods, length, noisy, out, model_name)
+    for m in methods:
+        if m.role in ("rule", "random"):
+            print(f"   noisy={noisy} {m.name}: {m.rule} -> heads {m.heads}")
+    prompts = sorted(setting_prompts(builder, length, noisy, args), key=lambda x: -x[2].needle_at)
+    ids = {(d, t, m.name): cell_id(ident, length, noisy, d, t, m) for d, t, _ in prompts for m in methods}
+    todo = [(d, t, p) for d, t, p in prompts if any(ids[d, t, m.name] not in done for m in methods)]
+    missing = [m for m in methods if any(ids[d, t, m.name] not in done for d, t, _ in todo)]
+    if todo:
+        check_memory(model, missing, length, extra, args)
+        work = plan_work(cfg, missing, todo, length, args.reuse, extra)
+        scratch = plan_work(cfg, missing, todo, length, "none", extra)
+        secs = calib["seconds"] if calib else None
+        eta = f", ~{work * secs / 3600:.1f} h at {secs:.0f} s per full prefill (the calibration pass)" if secs else ""
+        print(f"   {len(todo)} of {len(prompts)} prompts to run with {len(missing)} methods: about {work:.1f} full "
+              f"prefills with --reuse {args.reuse} ({scratch:.1f} from scratch){eta}")
+    runner = HeadSetRunner(model, missing, length, extra, args.chunk, args.reuse, args.device, args.seed)
+    rows = []
+    with LayerProgress(model, length, plan_work(cfg, missing, todo, length, args.reuse, extra) if todo else 0.0,
+                       f"{length} tokens, noisy={noisy}") as progress:
+        if todo and args.reuse == "prefix":
+            shared = todo[0][2].needle_at  # the deepest needle: every other prompt's prefix is shorter
+            stream = builder.stream(shared)
+            for _, _, p in todo:
+                assert p.ids[:p.needle_at] == stream[:p.needle_at], "a prompt is not a slice of the shared stream"
+            runner.prefix(stream, {m.head_set for m in missing})
+        for d, t, p in prompts:
+            need = [m for m in methods if ids[d, t, m.name] not in done]
+            if need:
+                answer = tok.encode(" " + p.value)
+                prompt_ids = torch.tensor([p.ids], device=args.device)
+
+                def decode(head_set, cache, logits):
+                    return answer_and_decode(model, head_set, cache, logits, answer, prompt_ids, args.max_new_tokens,
+                                             stop, args.seed)
+
+                start = p.needle_at if args.reuse == "prefix" else 0
+                outs = runner.prompt(p.ids, start, {m.head_set for m in need}, decode)
+                for m in need:
+                    o = outs[m.head_set]
+                    text = tok.decode(o["new"]).split("\n")[0]  # stop at a newline, as the paper does
+                    rec = dict(cell=ids[d, t, m.name], model=model_name, model_id=ident["model"], native=cfg.max_pos,
+                               length=length, noisy=noisy, depth=d, actual_depth=round(p.actual_depth, 4), trial=t,
+                               key=p.key, expected=p.value, method=m.name, variant=m.variant, role=m.role,
+                               rule=m.rule, heads=m.heads, ntk_factor=factor, answer=text, score=score(text, p.value),
+                               logprob=round(o["logprob"], 6), prefill_seconds=round(o["prefill_seconds"], 2),
+                               decode_seconds=round(o["decode_seconds"], 2), first_layer=runner.sets[m.head_set],
+                               tail_tokens=length - start, reuse=args.reuse, seed=args.seed, dtype=args.dtype,
+                               device=args.device)
+                    append_record(results, rec)
+                    done[ids[d, t, m.name]] = rec
+            rows += [done[ids[d, t, m.name]] for m in methods]
+        progress.bar.n = progress.bar.total
+    return rows
+
+
+def load_model(path: Path, length: int, args):
+    """The model with the RoPE scaling of this length: --ntk auto is the paper's static Dynamic NTK to the length."""
+    cfg = json.loads((path / "config.json").read_text())
+    native = cfg.get("max_position_embeddings", 2048)
+    factor = None
+    if args.ntk == "auto":
+        factor = length / native if length > native else None
+    elif args.ntk != "none":
+        factor = float(args.ntk)
+    model = Transformer.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device,
+                                        rope_scaling={"rope_type": "ntk", "factor": factor} if factor else {})
+    return model, factor
+
+
+def describe_rope(cfg, factor) -> str:
+    if not factor:
+        return "no scaling"
+    new_base = cfg.rope_theta * (factor * factor - factor + 1) ** (cfg.head_dim / (cfg.head_dim - 2))
+    return f"Dynamic NTK x{factor:.3g} (static, base {cfg.rope_theta:g} -> {new_base:.4g})"
+
+
+def stop_tokens(tok, cfg) -> set:
+    """EOS, and every token whose text holds a newline: the paper stops at a newline."""
+    stop = {tok.eos_id, *cfg.eos_token_ids} - {None}
+    return stop | {i for t, i in tok.tok.get_vocab().items() if "\n" in tok.decode([i])}
+
+
+def read_haystack(path) -> str:
+    if not path:
+        return FILLER
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SystemExit(f"error: --haystack-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise SystemExit(f"error: --haystack-file {path} is a folder, not a text file") from None
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: --haystack-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise SystemExit(f"error: --haystack-file {path} is empty")
+    return text
+
+
+def check_memory(model, methods, length, extra, args):
+    """Refuse a run whose caches and activations would not fit the device: the baseline's KV cache, one per DoPE
+    head set (its layers from the first denoised one; a layer with DoPE heads stores keys and values per query head),
+    the hidden states kept for layer reuse, the prefill's activations and the weights."""
+    need = memory_needed(model.config, methods, length, extra, args)
+    need += sum(p.numel() * p.element_size() for p in model.parameters())
+    avail = available_memory(args.device)
+    print(f"   memory: about {need / 2**30:.1f} GiB of {avail / 2**30:.1f} GiB available on {args.device}")
+    if need > 0.9 * avail:
+        raise SystemExit(f"error: a {length}-token run with these methods needs about {need / 2**30:.1f} GiB but only "
+                         f"{avail / 2**30:.1f} GiB is available on {args.device}; use a shorter --len, fewer methods "
+                         "or --reuse layers (one DoPE cache at a time)")
+
+
+def memory_needed(c, methods, length, extra, args) -> int:
+    b = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    T = length + extra
+    layer_kv = 2 * c.head_dim * T * b  # keys + values of one head
+    sets = {m.head_set: m for m in methods if m.heads}
+    kv = c.n_layer * c.n_kv_head * layer_kv  # the baseline
+    dope_kv = []
+    for m in sets.values():
+        f = first_layer(m, args.reuse)
+        dope_layers = len({layer for layer, _ in m.heads})
+        dope_kv.append(((c.n_layer - f) * c.n_kv_head + dope_layers * (c.n_head - c.n_kv_head)) * layer_kv)
+    kv += sum(dope_kv) if args.reuse == "prefix" else max(dope_kv, default=0)
+    firsts = {first_layer(m, args.reuse) for m in sets.values()} - {0}
+    taps = 2 * len(firsts) * length * c.n_embd * b  # hidden states of the prefix and of a tail
     chunk = min(args.chunk or length, length)
-    mask = chunk * length * b if chunk < length else 0  # the chunked-prefill mask; one pass needs none
     act = chunk * (3 * c.n_hidden + 8 * c.n_embd + 4 * c.n_head * c.head_dim) * 4  # MLP, residual, q/k/v, tables
-    taps = min(k + 6, c.n_layer) * length * c.n_embd * b  # hidden states kept for reuse (rule + control layers)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return kv + mask + act + taps + weights, _available_memory()
+    mask = min(args.chunk or TAIL_CHUNK, length) * T * b  # a tail's chunk x length mask
+    logits = extra * c.vocab_size * 8  # teacher forcing's logits in float64
+    return kv + taps + act + mask + logits
 
 
-def _available_memory() -> int:
+def available_memory(device) -> int:
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
     try:
         for line in open("/proc/meminfo"):
             if line.startswith("MemAvailable:"):
@@ -385,297 +717,49 @@ def _available_memory() -> int:
     return 1 << 62  # unknown: do not refuse
 
 
-def load_done(results: Path) -> dict:
-    done = {}
-    if results.exists():
-        for line in results.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[r["cell"]] = r
-    return done
-
-
-def cell_id(args, length, noisy, depth, trial, m: Method):
-    templates = [t for t, d in ((args.needle, NEEDLE), (args.question, QUESTION), (args.answer_prefix, ANSWER_PREFIX))
-                 if t != d]  # only non-default templates enter the id
-    return json.dumps([Path(args.model).name, length, noisy, depth, trial, m.name, m.rule, args.ntk, args.seed,
-                       args.dtype, args.chunk, args.max_new_tokens, args.haystack_file or "filler"] + templates)
-
-
-def run(args):
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(args.model)
-    dtype = getattr(torch, args.dtype)
-    cfg = json.loads((Path(args.model) / "config.json").read_text())
-    native = cfg.get("max_position_embeddings", 2048)
-    sink_id = cfg.get("bos_token_id")
-    haystack = Path(args.haystack_file).read_text() if args.haystack_file else FILLER
-    builder = PromptBuilder(tok, haystack, sink_id, args.needle, args.question, args.answer_prefix)
-    results = out / "results.jsonl"
-    done = load_done(results)
-    eos = cfg.get("eos_token_id")
-    stop = {tok.eos_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    # The paper stops at a newline: every token whose text holds one is a stop token.
-    stop |= {i for t, i in tok.tok.get_vocab().items() if "\n" in tok.decode([i])}
-    args.model_name = Path(args.model).name
-    from tqdm.auto import tqdm
-
-    all_rows = []
-    for length in args.len:
-        factor = None
-        if args.ntk == "auto":
-            factor = length / native if length > native else None
-        elif args.ntk != "none":
-            factor = float(args.ntk)
-        model = Transformer.from_pretrained(args.model, dtype=dtype,
-                                            rope_scaling={"rope_type": "ntk", "factor": factor} if factor else {})
-        need, avail = estimate(model, length, args)
-        if need > 0.9 * avail:
-            raise SystemExit(f"error: a {length}-token run needs about {need / 2**30:.1f} GiB but only "
-                             f"{avail / 2**30:.1f} GiB is available; use a shorter --len or a smaller --chunk")
-        c = model.config
-        ntk = f"Dynamic NTK x{factor:.3g} (static, base {c.rope_theta:g} -> " \
-              f"{c.rope_theta * (factor * factor - factor + 1) ** (c.head_dim / (c.head_dim - 2)):.4g})" \
-            if factor else "no scaling"
-        print(f"== {args.model_name} at {length} tokens ({length / native:.2f}x native {native}), {ntk}, "
-              f"~{need / 2**30:.1f} GiB")
-        for noisy in args.noisy:
-            calib = calibrate(model, builder, length, noisy, args, out) if len(args.variant) > 1 or args.report_heads \
-                else None
-            if args.report_heads:
-                print(f"-- noisy={noisy}")
-                report_heads(calib, length, noisy, args, out)
-                continue
-            sel = Selector(calib) if calib else None
-            fixed = fixed_methods(sel, args, noisy)
-            save_heads(sel, fixed, length, noisy, args, out)
-            for m in fixed:
-                if m.role in ("rule", "flip"):
-                    print(f"   noisy={noisy} {m.name}: {m.rule} -> heads {m.heads}")
-            if args.sweep:
-                print(f"   noisy={noisy} sweep: {sum(m.role == 'sweep' for m in fixed)} rules")
-            prompts = [(d, t) for d in depths(args.depths) for t in range(args.trials)]
-            per_prompt = len(prompt_methods(fixed, c, args, length, noisy, 0.0, 0))
-            todo, work = 0, 0.0  # work: in full prefills; a method that starts at layer l costs 1 - l / n_layer
-            for d, t in prompts:
-                missing = [m for m in prompt_methods(fixed, c, args, length, noisy, d, t)
-                           if cell_id(args, length, noisy, d, t, m) not in done]
-                todo += len(missing)
-                starts = {(m.variant, tuple(m.heads)): min(h[0] for h in m.heads) if m.heads and args.reuse else 0
-                          for m in missing}
-                work += (1.0 if missing else 0.0) + sum(1 - f / c.n_layer for (_, heads), f in starts.items() if heads)
-            if todo and calib is not None:
-                print(f"   {todo} of {len(prompts) * per_prompt} cells to run ({len(prompts)} prompts x "
-                      f"{per_prompt} methods): about {work:.1f} full prefills of ~{calib['seconds']:.0f} s each "
-                      f"(the calibration pass), ~{work * calib['seconds'] / 3600:.1f} h")
-            bar = tqdm(total=len(prompts) * per_prompt, desc=f"{length} tokens, noisy={noisy}", unit="cell")
-            for depth, trial in prompts:
-                methods = prompt_methods(fixed, c, args, length, noisy, depth, trial)
-                ids = {m.name: cell_id(args, length, noisy, depth, trial, m) for m in methods}
-                missing = [m for m in methods if ids[m.name] not in done]
-                if missing:
-                    key = KEYS[trial % len(KEYS)]
-                    p = builder.build(length, depth, key, needle_value(args.seed, length, depth, trial), noisy)
-                    answer = tok.encode(" " + p.value)
-                    outs = run_methods(model, p.ids, answer, missing, args, stop)
-                    for m in missing:
-                        o = outs[m.name]
-                        text = tok.decode(o["new"]).split("\n")[0]  # stop at a newline, as the paper does
-                        rec = dict(cell=ids[m.name], model=args.model_name, length=length, noisy=noisy, depth=depth,
-                                   actual_depth=round(p.actual_depth, 4), trial=trial, key=key, expected=p.value,
-                                   method=m.name, variant=m.variant, role=m.role, rule=m.rule, heads=m.heads,
-                                   ntk_factor=factor, answer=text, score=score(text, p.value),
-                                   logprob=round(o["logprob"], 6), seconds=round(o["seconds"], 2),
-                                   prefill_seconds=round(o["prefill_seconds"], 2), first_layer=o["first_layer"],
-                                   base_prefill_seconds=round(o["base_prefill_seconds"], 2), seed=args.seed,
-                                   dtype=args.dtype)
-                        with results.open("a") as f:  # one line per finished cell: nothing is lost on interruption
-                            f.write(json.dumps(rec) + "\n")
-                        done[ids[m.name]] = rec
-                all_rows.extend(done[ids[m.name]] for m in methods)
-                bar.update(len(methods))
-            bar.close()
-    summarize(all_rows, args, out)
-    return all_rows
-
-
 # -----------------------------------------------------------------------------
-# Output: table, verdicts, heatmap
+# What the detector sees: heads per rule, p1 per layer
 
 
-def shift(lp: dict) -> str:
-    """A log-probability shift counts when its bootstrap interval excludes zero and the sign test agrees (p < 0.05):
-    the bootstrap alone is unreliable over a handful of prompts."""
-    if lp["p"] < 0.05 and (lp["lo"] > 0 or lp["hi"] < 0):
-        return "higher" if lp["lo"] > 0 else "lower"
-    return "unchanged"
+def save_heads(sel: Selector, methods, length, noisy, out: Path, model_name: str):
+    """Each rule's heads as JSON and on the layers x heads heatmap of its score."""
+    for m in methods:
+        if m.role != "rule":
+            continue
+        scores = sel.scores(m.rule)
+        stem = out / f"heads_{length}_noisy{noisy}_{m.name.replace('/', '_')}"
+        entropy.plot_scores(scores, m.heads, stem.with_suffix(".png"),
+                            title=f"{model_name} at {length} tokens: heads for DoPE {m.name}",
+                            label=f"{m.rule['metric']} r={m.rule['r']} ({m.rule['criterion']})")
+        text = json.dumps({"rule": m.rule, "heads": m.heads, "scores": [scores[h].item() for h in m.heads],
+                           "p1": [sel.spectra[m.rule["criterion"]][h][0].item() for h in m.heads]}, indent=1)
+        write_atomic(stem.with_suffix(".json"), lambda f: f.write(text.encode() + b"\n"))
 
 
-def verdict(vs_base: dict, vs_ctrl: dict | None) -> str:
-    """A difference counts only when its 95% interval excludes zero."""
-    if vs_base["lo"] > 0:
-        if vs_ctrl is None:
-            return "gain over the baseline (no control run)"
-        return "gain beyond the random-head control" if vs_ctrl["lo"] > 0 else \
-            "gain over the baseline, but not beyond the random-head control"
-    if vs_base["hi"] < 0:
-        return "harm"
-    return "no difference"
-
-
-def _pct(x):
-    return f"{100 * x:+.1f}"
-
-
-def summarize(rows, args, out: Path) -> list:
-    """Per (length, noise): accuracy with a 95% Wilson interval and the mean log-probability of the right answer for
-    every method; each method against the baseline on the same prompts (difference with Newcombe's paired 95%
-    interval, discordant prompts baseline-only/method-only, exact sign test; the log-probability difference with a
-    bootstrap interval), each DoPE variant against its random-head control, and a verdict. With several settings,
-    one more table pools their prompts (each prompt is still a pair; a method name then means each setting's own
-    rule). Printed and written to out/summary.md. Returns the verdict lines."""
-    if not rows:
-        return []
-    lines, verdicts = [], []
-    groups = sorted({(r["length"], r["noisy"]) for r in rows})
-    for L, noisy in groups:
-        grp = [r for r in rows if r["length"] == L and r["noisy"] == noisy]
-        n_prompts = len({(r["depth"], r["trial"]) for r in grp})
-        title = (f"{grp[0]['model']}, {L} tokens, noisy={noisy}: {n_prompts} prompts "
-                 f"({len({r['depth'] for r in grp})} depths x {len({r['trial'] for r in grp})} needles)")
-        lines += _table(grp, title, f"{L} tokens, noisy={noisy}", verdicts)
-    if len(groups) > 1:
-        title = (f"{rows[0]['model']}, pooled over {len(groups)} settings "
-                 f"({', '.join(f'{L}/noisy={n}' for L, n in groups)}): "
-                 f"{len({_prompt(r) for r in rows})} prompts; each method is each setting's own rule")
-        lines += _table(rows, title, "pooled", verdicts)
-    lines += ["", "Verdicts (a difference counts only when its 95% interval excludes zero):", ""]
-    lines += [f"- {v}" for v in verdicts]
-    text = "\n".join(lines)
-    print(text)
-    (out / "summary.md").write_text(text.lstrip() + "\n")
-    for noisy in sorted({r["noisy"] for r in rows}):
-        plot_heatmap([r for r in rows if r["noisy"] == noisy and r["role"] != "sweep"], args,
-                     out / f"heatmap_noisy{noisy}.png", noisy)
-    return verdicts
-
-
-def _prompt(r):
-    return r["length"], r["noisy"], r["depth"], r["trial"]
-
-
-def _table(grp, title, label, verdicts) -> list:
-    """The markdown table of one group of rows (see summarize); appends its verdicts."""
-    lines = ["", f"### {title}", "",
-             "| method | role | heads | correct | accuracy [95% CI] | mean log p | vs baseline: diff [95% CI] "
-             "(b/c, p) | vs baseline: log p diff [95% CI] | vs its random control: diff [95% CI] |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    names = list(dict.fromkeys(r["method"] for r in grp))
-    by = {n: {_prompt(r): r for r in grp if r["method"] == n} for n in names}
-    sweep = [n for n in names if by[n] and next(iter(by[n].values()))["role"] == "sweep"]
-    best = max(sweep, key=lambda n: (sum(r["score"] for r in by[n].values()),
-                                     sum(r["logprob"] for r in by[n].values()))) if sweep else None
-    for n in names:
-        cells = by[n]
-        first = next(iter(cells.values()))
-        s = [r["score"] for r in cells.values()]
-        lo, hi = wilson(sum(s), len(s))
-        role = first["role"] + (" (best of sweep on the test prompts)" if n == best else "")
-        heads = str([tuple(h) for h in first["heads"]]) if first["heads"] else "-"
-        if len(heads) > 40:
-            heads = f"{len(first['heads'])} heads"
-        if first["role"] == "random":
-            heads = "per prompt"
-        elif label == "pooled" and first["heads"]:
-            heads = "per setting"
-        row = [n, role, heads, f"{sum(s)}/{len(s)}", f"{100 * sum(s) / len(s):.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]",
-               f"{sum(r['logprob'] for r in cells.values()) / len(s):.2f}"]
-        vs_base = vs_ctrl = None
-        common = sorted(set(cells) & set(by.get("none", {})))
-        if n != "none" and common:
-            vs_base = paired([by["none"][i]["score"] for i in common], [cells[i]["score"] for i in common])
-            lp = paired_mean([by["none"][i]["logprob"] for i in common], [cells[i]["logprob"] for i in common])
-            row += [f"{_pct(vs_base['diff'])} [{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}] "
-                    f"({vs_base['b']}/{vs_base['c']}, p={vs_base['p']:.2f})",
-                    f"{lp['diff']:+.3f} [{lp['lo']:+.3f}, {lp['hi']:+.3f}] ({lp['neg']}-/{lp['pos']}+, "
-                    f"p={lp['p']:.2g})"]
-        else:
-            row += ["", ""]
-        ctrl = by.get(f"{first['variant']}~random")
-        if first["role"] in ("rule", "sweep") and ctrl:
-            both = sorted(set(cells) & set(ctrl))
-            vs_ctrl = paired([ctrl[i]["score"] for i in both], [cells[i]["score"] for i in both])
-            row.append(f"{_pct(vs_ctrl['diff'])} [{_pct(vs_ctrl['lo'])}, {_pct(vs_ctrl['hi'])}] "
-                       f"({vs_ctrl['b']}/{vs_ctrl['c']}, p={vs_ctrl['p']:.2f})")
-        else:
-            row.append("")
-        lines.append("| " + " | ".join(row) + " |")
-        if first["role"] == "rule" and vs_base is not None:
-            verdicts.append(f"{label}, DoPE-{n}: {verdict(vs_base, vs_ctrl)} "
-                            f"(accuracy {_pct(vs_base['diff'])} pts [{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}]"
-                            f"; log p of the answer {shift(lp)}: {lp['diff']:+.3f} [{lp['lo']:+.3f}, "
-                            f"{lp['hi']:+.3f}], sign test p = {lp['p']:.2g})")
-    # each distinct (prompt, variant, heads) was computed once, whatever its number of rows
-    runs = {(*_prompt(r), r["variant"], json.dumps(r["heads"])): r for r in grp if r["role"] != "baseline"}
-    if runs:
-        spent = sum(r["prefill_seconds"] for r in runs.values())
-        full = sum(r["base_prefill_seconds"] for r in runs.values())
-        # Per prompt, then the median: one prompt timed while the machine was busy or paused moves a total, not
-        # a median.
-        per = {}
-        for key, r in runs.items():
-            s, f = per.get(key[:4], (0.0, 0.0))
-            per[key[:4]] = (s + r["prefill_seconds"], f + r["base_prefill_seconds"])
-        med = statistics.median(1 - s / f for s, f in per.values())
-        lines += ["", f"Prefix reuse: the {len(runs)} DoPE prefills (one per distinct prompt and head set, controls "
-                      f"included) took {spent:.0f} s; from scratch they would have taken about {full:.0f} s (the "
-                      f"baseline's prefill time of the same prompt each); they started at layer "
-                      f"{statistics.mean(r['first_layer'] for r in runs.values()):.1f} on average; median saving per prompt "
-                      f"{100 * med:.0f}% (wall-clock times: read them only from a run on an otherwise idle "
-                      f"machine)."]
-    return lines
-
-
-def plot_heatmap(rows, args, path, noisy):
-    """gkamradt-style: depth on the y axis, one column per method (and a panel per length), red = miss; a cell is
-    the fraction of its needles retrieved."""
-    if not rows:
-        return
-    from matplotlib.colors import LinearSegmentedColormap
-    from matplotlib.figure import Figure
-
-    lengths = sorted({r["length"] for r in rows})
-    names = list(dict.fromkeys(r["method"] for r in rows))
-    ds = sorted({r["depth"] for r in rows})
-    cmap = LinearSegmentedColormap.from_list("nih", ["#F0496E", "#EBB839", "#0CD79F"])
-    fig = Figure(figsize=(2.2 + 1.0 * len(names) * len(lengths), 1.5 + 0.35 * len(ds)), layout="constrained")
-    axes = fig.subplots(1, len(lengths), squeeze=False)[0]
-    for ax, L in zip(axes, lengths):
-        grid = [[_mean([r["score"] for r in rows if r["length"] == L and r["method"] == n and r["depth"] == d])
-                 for n in names] for d in ds]
-        im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
-        for i, row in enumerate(grid):
-            for j, val in enumerate(row):
-                if not math.isnan(val):
-                    ax.text(j, i, f"{val:.2g}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(names)), [("baseline" if n == "none" else n) for n in names], rotation=30, ha="right")
-        ax.set_yticks(range(len(ds)), [f"{100 * d:.0f}%" for d in ds])
-        n = len({r["trial"] for r in rows if r["length"] == L})
-        ax.set_title(f"{L} tokens ({n} needle{'s' * (n > 1)} per cell)")
-        ax.set_ylabel("needle depth")
-    fig.colorbar(im, ax=axes, label="fraction retrieved")
-    fig.suptitle(f"{args.model_name}: needle in a haystack{' (noisy: %d sinks)' % noisy if noisy else ''}")
-    fig.savefig(path, dpi=110)
-    print(f"heatmap: {path}")
-
-
-def _mean(xs):
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def depths(n: int):
-    return [round(i / (n - 1), 4) for i in range(n)] if n > 1 else [0.5]
+def report_heads(calib, cfg, length, noisy, args, out: Path):
+    model_name = Path(args.model).name
+    """The spectral share p1 per layer (min / median / max over heads) for each criterion, and the heads each
+    variant's rule picks in each order."""
+    print(f"-- noisy={noisy}\n   calibration pass: {calib['seconds']:.0f} s")
+    for crit in ("query/post_ntk", "key/post_ntk", "query/pre_ntk"):
+        p1 = entropy.spectrum_scores(calib["spectra"][crit], "spectral")  # (L, H)
+        spike = (p1 >= 1 / math.e).float().mean().item()
+        print(f"   p1 = ||S||_2 / tr S, {crit}: {100 * spike:.0f}% of heads in the spike regime p1 >= 1/e")
+        print("   layer " + " ".join(f"{i:>4}" for i in range(p1.shape[0])))
+        for name, f in (("min", lambda x: x.min(-1).values), ("median", lambda x: x.median(-1).values),
+                        ("max", lambda x: x.max(-1).values)):
+            print(f"   {name:>5} " + " ".join(f"{v:4.2f}" for v in f(p1).tolist()))
+        entropy.plot_scores(p1, [], out / f"p1_{length}_noisy{noisy}_{crit.replace('/', '_')}.png",
+                            title=f"{model_name} at {length} tokens", label=f"spectral share p1 ({crit})")
+    sel = Selector(calib)
+    a = argparse.Namespace(**{**vars(args), "variant": ["none", "parts", "all", "gaussian"], "random_sets": 0,
+                              "sweep": False})
+    methods = methods_for(sel, a, cfg.n_layer, cfg.n_head, length, noisy)
+    for m in methods[1:]:
+        p1 = [sel.spectra[m.rule["criterion"]][h][0].item() for h in m.heads]
+        print(f"   DoPE {m.name}: {m.rule} -> heads {m.heads} (p1 {', '.join(f'{x:.2f}' for x in p1)})")
+    save_heads(sel, methods, length, noisy, out, model_name)
+    print(f"   plots: {out}/p1_{length}_noisy{noisy}_*.png, {out}/heads_{length}_noisy{noisy}_*.png")
 
 
 # -----------------------------------------------------------------------------
@@ -691,6 +775,10 @@ def _list(kind):
     return parse
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--len", type=lambda s: [parse_len(x) for x in s.split(",")], default=[parse_len("8k")],
@@ -698,7 +786,10 @@ def parse_args(argv=None):
     p.add_argument("--variant", type=lambda s: s.split(","), default=["none", "parts"],
                    help="comma-separated from none,parts,all,gaussian; the baseline always runs, first "
                         "(default none,parts)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="an HF Llama/Qwen2 folder (default: packaged SmolLM2)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="an HF Llama/Qwen2 folder (default: packaged SmolLM2)")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"],
+                   help="default float32 on a CPU (the reference), bfloat16 on a GPU")
     p.add_argument("--depths", type=int, default=11, help="needle depths from 0%% to 100%% (default 11)")
     p.add_argument("--trials", "--needles", type=int, default=1,
                    help="needles per depth: different key phrases and numbers (default 1)")
@@ -711,11 +802,12 @@ def parse_args(argv=None):
     p.add_argument("--r", type=int, help="truncation rank r of the entropy")
     p.add_argument("--criterion", choices=entropy.CRITERIA, help="where the Grams are taken")
     p.add_argument("--metric", choices=entropy.METRICS, help="head score")
-    p.add_argument("--order", choices=entropy.ORDERS, help="asc: lowest scores denoised; desc: highest")
-    p.add_argument("--controls", type=lambda s: [] if s == "none" else s.split(","), default=["random"],
-                   help="matched controls per DoPE variant: random (the same variant on k random heads, drawn per "
-                        "prompt), flip (the k heads at the other end of the ranking), both as random,flip, or none "
-                        "(default random)")
+    p.add_argument("--order", type=lambda s: s.split(","),
+                   help="asc (the lowest scores lose their position), desc (the highest), or asc,desc: both readings "
+                        "as separate rules; VARIANT:ORDER for one variant only, e.g. parts:asc,parts:desc,gaussian:asc "
+                        "(default: each rule's own order)")
+    p.add_argument("--random-sets", type=int, default=1,
+                   help="fixed random-head control sets per variant, seeded per setting (default 1; 0: none)")
     p.add_argument("--sweep", action="store_true",
                    help="also run every rule of the grid below; the best row is labelled best-of-sweep")
     p.add_argument("--sweep-k", type=_list(int), default=[1, 3, 5])
@@ -723,20 +815,19 @@ def parse_args(argv=None):
     p.add_argument("--sweep-criterion", type=_list(str), default=["query/post_ntk", "key/post_ntk"])
     p.add_argument("--sweep-metric", type=_list(str), default=["trunc"])
     p.add_argument("--sweep-order", type=_list(str), default=["asc", "desc"])
-    p.add_argument("--haystack-file", help="a text file of real prose (e.g. Paul Graham essays) instead of filler")
+    p.add_argument("--haystack-file", help="a UTF-8 text file of real prose (e.g. essays) instead of filler")
     p.add_argument("--needle", default=NEEDLE, help="needle template with {key} and {value} (a 7-digit number)")
     p.add_argument("--question", default=QUESTION, help="question template with {key}")
     p.add_argument("--answer-prefix", default=ANSWER_PREFIX, help="start of the answer, with {key} (RULER style)")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--chunk", type=int, default=0,
-                   help="prefill chunk in tokens; 0 (default) runs the prompt in one pass, the fastest on a CPU "
-                        "(SDPA's causal kernel skips the masked half); a chunk bounds memory by chunk x length")
-    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
-                   help="float32 (default, the reference) or bfloat16 (~20%% faster on CPUs with AVX512-BF16)")
+                   help="prefill chunk in tokens; 0 (default) runs a prefix in one pass, the fastest on a CPU "
+                        f"(SDPA's causal kernel skips the masked half), and tails in chunks of {TAIL_CHUNK}")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--no-reuse", dest="reuse", action="store_false",
-                   help="recompute every method's prefill from scratch instead of reusing the baseline's layers "
-                        "below its first denoised one (the answers are identical either way)")
+    p.add_argument("--reuse", choices=REUSE, default="prefix",
+                   help="prefix (default): each head set prefills the shared haystack once and each prompt its tail, "
+                        "from the first denoised layer; layers: per prompt, from the first denoised layer; none: "
+                        "recompute everything (the answers are the same either way)")
     p.add_argument("--report-heads", action="store_true",
                    help="only calibrate: print p1 per layer and the heads each rule picks, save the heatmaps")
     p.add_argument("--out", default="results/nih", help="folder for results.jsonl, plots and calibration")
@@ -748,41 +839,54 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown variant(s) {bad}: choose from {', '.join(VARIANTS)}")
     a.variant = ["none"] + [v for v in dict.fromkeys(a.variant) if v != "none"]
-    bad = [c for c in a.controls if c not in CONTROLS]
-    if bad:
-        p.error(f"unknown control(s) {bad}: choose from {', '.join(CONTROLS)} or none")
+    if a.order is not None:
+        orders = {}
+        for item in a.order:
+            v, _, o = item.rpartition(":")
+            if o not in entropy.ORDERS or (v and v not in a.variant[1:]):
+                p.error(f"--order {','.join(a.order)}: give asc, desc or asc,desc, or VARIANT:ORDER for a variant "
+                        f"of --variant ({', '.join(a.variant[1:]) or 'none given'})")
+            for w in [v] if v else a.variant[1:]:
+                orders.setdefault(w, []).append(o)
+        a.order = {v: list(dict.fromkeys(o)) for v, o in orders.items()}
     for name, allowed in (("criterion", entropy.CRITERIA), ("metric", entropy.METRICS), ("order", entropy.ORDERS)):
         bad = [x for x in getattr(a, f"sweep_{name}") if x not in allowed]
         if bad:
             p.error(f"unknown --sweep-{name} {bad}: choose from {', '.join(allowed)}")
-    if a.depths < 1 or a.trials < 1 or min(a.noisy) < 0 or a.chunk < 0 or a.max_new_tokens < 1:
-        p.error("--depths, --trials and --max-new-tokens must be >= 1, --noisy and --chunk >= 0")
+    if a.depths < 1 or a.trials < 1 or min(a.noisy) < 0 or a.chunk < 0 or a.max_new_tokens < 1 or a.random_sets < 0:
+        p.error("--depths, --trials and --max-new-tokens must be >= 1, --noisy, --chunk and --random-sets >= 0")
+    if a.ntk not in ("auto", "none"):
+        try:
+            factor = float(a.ntk)
+        except ValueError:
+            p.error(f"--ntk {a.ntk!r}: give auto, none or a factor > 1 (e.g. 3 for 24K on an 8K model)")
+        if not math.isfinite(factor) or factor <= 1:
+            p.error(f"--ntk {a.ntk!r}: a Dynamic NTK factor must be a finite number > 1 (none: no scaling)")
+    try:
+        torch.device(a.device)
+    except RuntimeError:
+        p.error(f"--device {a.device!r} is not a torch device (cpu, cuda, cuda:0, ...)")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: no CUDA device here (use --device cpu)")
+    a.dtype = a.dtype or ("float32" if a.device == "cpu" else "bfloat16")
+    try:
+        check_templates(a.needle, a.question, a.answer_prefix)
+    except ValueError as e:
+        p.error(str(e))
     return a
 
 
-def summarize_dirs(dirs, args) -> list:
-    """--summarize: the summary of finished runs, without loading a model."""
-    rows = []
-    for d in dirs:
-        f = Path(d) / "results.jsonl"
-        if not f.is_file():
-            raise SystemExit(f"error: {f} does not exist (give folders that an eval_nih.py run wrote to)")
-        rows += load_done(f).values()
-    if not rows:
-        raise SystemExit(f"error: no results in {', '.join(dirs)}")
-    args.model_name = rows[0]["model"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    return summarize(rows, args, out)
+def main(argv=None):
+    args = parse_args(argv)
+    if args.summarize:
+        report.summarize_dirs(args.summarize, Path(args.out))
+        return
+    if Path(args.model).resolve() == DEFAULT_MODEL:
+        from setup_weights import ensure_weights
+
+        ensure_weights("smollm2", out=DEFAULT_MODEL.parent)
+    run(args)
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    if args.summarize:
-        summarize_dirs(args.summarize, args)
-        raise SystemExit(0)
-    if args.model == DEFAULT_MODEL:
-        from setup_weights import ensure_weights
-
-        ensure_weights("smollm2")
-    run(args)
+    main()

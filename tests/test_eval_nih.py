@@ -6,8 +6,7 @@ import json
 import pytest
 
 import eval_nih
-from eval_nih import (Method, PromptBuilder, answer_logprob, control_heads, parse_args, parse_len, run,
-                      run_methods, score)
+from eval_nih import Method, PromptBuilder, answer_logprob, control_heads, parse_args, parse_len, run, score
 from model import Tokenizer
 from setup_weights import ensure_weights
 
@@ -34,6 +33,22 @@ def test_bad_arguments_are_clear_errors(capsys):
     assert "not a token count" in capsys.readouterr().err
     a = parse_args(["--variant", "gaussian,none,all"])
     assert a.variant == ["none", "gaussian", "all"]  # the baseline always runs first
+    assert a.device == "cpu" and a.dtype == "float32"  # no GPU here: the CPU reference
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ntk", "nan"], "finite number > 1"), (["--ntk", "inf"], "finite number > 1"),
+    (["--ntk", "-1"], "finite number > 1"), (["--ntk", "0"], "finite number > 1"),
+    (["--ntk", "bogus"], "--ntk 'bogus'"), (["--order", "up"], "--order up"),
+    (["--variant", "parts", "--order", "all:asc"], "VARIANT:ORDER"),
+    (["--needle", "{key} {x} {value}"], "unknown field"), (["--question", "What number?"], "must contain"),
+    (["--needle", "no value {key}"], "must contain"), (["--device", "cuda"], "no CUDA device"),
+    (["--device", "potato"], "not a torch device"), (["--random-sets", "-1"], "--random-sets"),
+])
+def test_bad_flags_are_refused_before_any_model_work(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def find(seq, sub):
@@ -71,45 +86,11 @@ def test_needle_values_are_deterministic_and_distinct():
 
 
 def test_a_length_that_cannot_fit_is_refused_before_running(tmp_path, monkeypatch):
-    monkeypatch.setattr(eval_nih, "_available_memory", lambda: 2 * 2**30)
+    monkeypatch.setattr(eval_nih, "available_memory", lambda device: 2 * 2**30)
     args = parse_args(["--model", str(ensure_weights("smollm2")), "--len", "1000k", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="needs about"):
         run(args)
     assert not (tmp_path / "results.jsonl").exists()
-
-
-def test_end_to_end_short_run_retrieves_and_resumes(tmp_path, monkeypatch):
-    """Baseline, by-all and its random-head control at 1K tokens, 3 depths, float32: the baseline finds every
-    needle; an interrupted run resumes without redoing finished cells."""
-    argv = ["--model", str(ensure_weights("smollm2")), "--len", "1000", "--depths", "3", "--variant", "none,all",
-            "--dtype", "float32", "--out", str(tmp_path), "--max-new-tokens", "12"]
-    rows = run(parse_args(argv))
-    assert [r["method"] for r in rows] == ["none", "all", "all~random"] * 3
-    base = [r for r in rows if r["method"] == "none"]
-    assert [r["score"] for r in base] == [1, 1, 1], [r["answer"] for r in base]
-    assert all(r["logprob"] > -2.0 for r in base)  # it is confident of the right number, too
-    rule = [r for r in rows if r["method"] == "all"]
-    ctrl = [r for r in rows if r["method"] == "all~random"]
-    assert all(len(r["heads"]) == 5 and r["heads"] == rule[0]["heads"] for r in rule)
-    assert all(len(r["heads"]) == 5 and not set(map(tuple, r["heads"])) & set(map(tuple, rule[0]["heads"]))
-               for r in ctrl)
-    assert len({tuple(map(tuple, r["heads"])) for r in ctrl}) == 3  # a fresh draw per prompt
-    for name in ("heatmap_noisy0.png", "heads_1000_noisy0_all.png", "heads_1000_noisy0_all.json", "summary.md"):
-        assert (tmp_path / name).stat().st_size > 0
-    assert "DoPE-all:" in (tmp_path / "summary.md").read_text()
-
-    # simulate an interruption after four cells: the rerun must compute exactly the five missing ones
-    lines = (tmp_path / "results.jsonl").read_text().splitlines()
-    (tmp_path / "results.jsonl").write_text("\n".join(lines[:4]) + "\n")
-    calls = []
-    real = eval_nih.Transformer.generate
-    monkeypatch.setattr(eval_nih.Transformer, "generate", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    rows2 = run(parse_args(argv))
-    assert len(calls) == 5
-    assert sorted(r["cell"] for r in rows2) == sorted(r["cell"] for r in rows)
-    again = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [(r["score"], r["logprob"]) for r in again[:4]] == [(r["score"], r["logprob"]) for r in rows[:4]]
-    assert {r["cell"]: r["logprob"] for r in again} == {r["cell"]: r["logprob"] for r in rows}  # deterministic
 
 
 def test_custom_needle_question_and_answer_templates(tok):
@@ -131,29 +112,6 @@ def smol():
     return Transformer.from_pretrained(ensure_weights("smollm2"), dtype=torch.float32)
 
 
-def test_prefix_reuse_gives_bit_identical_answers(tok, smol):
-    """Each method restarted from the baseline's hidden state at its first denoised layer gives exactly the answer
-    and the log-probability that a full recomputation gives (1000 tokens, float32, chunked and one-pass prefill);
-    identical (variant, heads) run once."""
-    p = PromptBuilder(tok).build(1000, 0.5, "the amber compass", "2718281")
-    answer = tok.encode(" 2718281")
-    methods = [Method("none", "none", "baseline"), Method("all", "all", "rule", heads=[(10, 3), (21, 1)]),
-               Method("gaussian", "gaussian", "rule", heads=[(12, 0)]),
-               Method("parts", "parts", "rule", heads=[(10, 3), (29, 8)]),
-               Method("all~random", "all", "random", heads=[(0, 4), (17, 2)]),
-               Method("twin", "all", "sweep", heads=[(10, 3), (21, 1)])]
-    for chunk in ("384", "0"):
-        args = parse_args(["--max-new-tokens", "12", "--chunk", chunk])
-        reused = run_methods(smol, p.ids, answer, methods, args, stop={tok.eos_id})
-        args.reuse = False
-        full = run_methods(smol, p.ids, answer, methods, args, stop={tok.eos_id})
-        assert {n: (o["new"], o["logprob"]) for n, o in reused.items()} == \
-            {n: (o["new"], o["logprob"]) for n, o in full.items()}
-        assert [reused[m.name]["first_layer"] for m in methods] == [0, 10, 12, 10, 0, 10]
-        assert len({o["logprob"] for o in full.values()}) == 5  # the methods do differ: equality means something
-        assert reused["twin"]["logprob"] == reused["all"]["logprob"]
-
-
 def test_answer_logprob_equals_one_forward_over_prompt_and_answer(tok, smol):
     """Teacher forcing through the cache gives the log-probability that one forward over prompt + answer gives, and
     rewinds the cache so that greedy decoding continues from the prompt."""
@@ -171,18 +129,90 @@ def test_answer_logprob_equals_one_forward_over_prompt_and_answer(tok, smol):
     assert smol.generate(torch.tensor([ids]), 3, cache=cache, logits=logits) == smol.generate(torch.tensor([ids]), 3)
 
 
-def test_control_heads_are_reproducible_and_exclude_the_selection():
-    sel = [(3, 1), (5, 0), (29, 8)]
-    a = control_heads(30, 9, 3, sel, 42, 16384, 0, 0.5, 1, "all")
-    assert a == control_heads(30, 9, 3, sel, 42, 16384, 0, 0.5, 1, "all") and a == sorted(a)
-    assert len(set(a)) == 3 and not set(a) & set(sel)
-    draws = {tuple(control_heads(30, 9, 3, sel, 42, 16384, 0, d, t, "all")) for d in (0.0, 0.5, 1.0) for t in range(3)}
-    assert len(draws) == 9  # each prompt draws its own set
-    assert not any(set(d) & set(sel) for d in draws)
-    everything_else = [(layer, h) for layer in range(2) for h in range(4) if (layer, h) != (0, 0)]
-    assert control_heads(2, 4, 7, [(0, 0)], 1) == everything_else
-    with pytest.raises(ValueError, match="cannot draw"):
-        control_heads(2, 4, 8, [(0, 0)], 1)
+
+
+@pytest.mark.parametrize("noisy", [0, 3])
+def test_every_prompt_of_a_setting_is_a_slice_of_one_stream(tok, noisy):
+    """The token identity the shared-prefix reuse stands on: before its needle, every prompt (any depth, any needle)
+    is the setting's stream, token for token and position for position."""
+    b = PromptBuilder(tok, sink_id=1)
+    args = parse_args(["--depths", "6", "--trials", "3"])
+    prompts = eval_nih.setting_prompts(b, 2000, noisy, args)
+    stream = b.stream(max(p.needle_at for _, _, p in prompts))
+    assert len(prompts) == 18 and len({p.needle_at for _, _, p in prompts}) >= 6
+    for _, _, p in prompts:
+        assert len(p.ids) == 2000 and p.ids[:p.needle_at] == stream[:p.needle_at]
+    assert b.stream(500) == stream[:500]
+
+
+def run_grid(model, tok, prompts, methods, reuse, chunk=0, max_new=8):
+    """Every method on every prompt through HeadSetRunner, as run_setting drives it; {(depth, method): output}."""
+    import torch
+
+    length = len(prompts[0][2].ids)
+    runner = eval_nih.HeadSetRunner(model, methods[1:], length, max_new + 16, chunk, reuse, "cpu", 42)
+    prompts = sorted(prompts, key=lambda x: -x[2].needle_at)
+    sets = {m.head_set for m in methods}
+    if reuse == "prefix":
+        b = PromptBuilder(tok, sink_id=model.config.bos_token_id)
+        runner.prefix(b.stream(prompts[0][2].needle_at), sets)
+    out = {}
+    for d, t, p in prompts:
+        answer, ids = tok.encode(" " + p.value), torch.tensor([p.ids])
+
+        def decode(head_set, cache, logits):
+            return eval_nih.answer_and_decode(model, head_set, cache, logits, answer, ids, max_new, {tok.eos_id}, 42)
+
+        outs = runner.prompt(p.ids, p.needle_at if reuse == "prefix" else 0, sets, decode)
+        out.update({(d, t, m.name): outs[m.head_set] for m in methods})
+    return out
+
+
+GRID_METHODS = [Method("none", "none", "baseline"), Method("parts/asc", "parts", "rule", heads=[(10, 3), (21, 1)]),
+                Method("gaussian/asc", "gaussian", "rule", heads=[(3, 2), (29, 8)]),
+                Method("all/random0", "all", "random", heads=[(0, 4), (17, 2)]),
+                Method("twin", "all", "sweep", heads=[(0, 4), (17, 2)])]
+
+
+@pytest.mark.parametrize("noisy, reuse, chunk", [(0, "prefix", 0), (2, "prefix", 0), (0, "prefix", 128),
+                                                 (2, "layers", 0)])
+def test_shared_prefix_and_layer_reuse_equal_a_full_recomputation(tok, smol, noisy, reuse, chunk):
+    """Each head set prefilling the shared haystack once (and starting at its first denoised layer) gives every
+    method the answer that a full recomputation of each prompt gives, and the answer's log-probability to 1e-5
+    (float32; the matmul shapes differ, so not bit for bit), at depths 0%, 50% and 100%, original and noisy, in one
+    pass or in chunks. Identical head sets run once."""
+    b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
+    prompts = eval_nih.setting_prompts(b, 500, noisy, parse_args(["--depths", "3", "--trials", "1"]))
+    full = full_grid(smol, tok, noisy)
+    got = run_grid(smol, tok, prompts, GRID_METHODS, reuse, chunk, max_new=6)
+    for cell, o in full.items():
+        assert got[cell]["new"] == o["new"], cell
+        assert got[cell]["logprob"] == pytest.approx(o["logprob"], abs=1e-5), cell
+    assert len({round(o["logprob"], 4) for (d, _, n), o in full.items() if d == 0.5}) == 4  # the methods differ
+    assert all(full[d, 0, "twin"] == full[d, 0, "all/random0"] for d in (0.0, 0.5, 1.0))
+
+
+_FULL = {}
+
+
+def full_grid(smol, tok, noisy):
+    """The reference: every prompt recomputed from scratch by every method (computed once per noise setting)."""
+    if noisy not in _FULL:
+        b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
+        prompts = eval_nih.setting_prompts(b, 500, noisy, parse_args(["--depths", "3", "--trials", "1"]))
+        _FULL[noisy] = run_grid(smol, tok, prompts, GRID_METHODS, "none", max_new=6)
+    return _FULL[noisy]
+
+
+def test_the_runner_refuses_a_prompt_past_the_cached_prefix(tok, smol):
+    b = PromptBuilder(tok)
+    prompts = eval_nih.setting_prompts(b, 400, 0, parse_args(["--depths", "2"]))
+    runner = eval_nih.HeadSetRunner(smol, [], 400, 20, 0, "prefix", "cpu", 42)
+    shallow, deep = sorted((p for _, _, p in prompts), key=lambda p: p.needle_at)
+    runner.prefix(b.stream(deep.needle_at), {("none", ())})
+    runner.prompt(shallow.ids, shallow.needle_at, {("none", ())}, lambda *a: {})
+    with pytest.raises(RuntimeError, match="deepest needle first"):
+        runner.prompt(deep.ids, deep.needle_at, {("none", ())}, lambda *a: {})
 
 
 class FakeSelector:
@@ -193,84 +223,141 @@ class FakeSelector:
         return base if rule["order"] == "asc" else [(29 - layer, h) for layer, h in base]
 
 
-def test_methods_rule_flip_random_and_sweep():
+def test_methods_both_readings_fixed_random_sets_and_sweep():
+    args = parse_args(["--variant", "all,parts", "--order", "asc,desc", "--random-sets", "2", "--sweep",
+                       "--sweep-k", "1,5", "--sweep-r", "1", "--sweep-criterion", "query/post_ntk"])
+    methods = eval_nih.methods_for(FakeSelector(), args, 30, 9, 4096, 0)
+    names = [m.name for m in methods]
+    assert names[:5] == ["none", "all/asc", "all/desc", "parts/asc", "parts/desc"]
+    assert methods[2].heads == [(28, h) for h in range(5)] and methods[2].rule["order"] == "desc"
+    assert sum(m.role == "sweep" for m in methods) == 2 * 2 * 2 - 0  # 2 variants x k in {1, 5} x 2 orders
+    assert names[-4:] == ["all/random0", "all/random1", "parts/random0", "parts/random1"]
+    chosen = {h for m in methods if m.role == "rule" for h in m.heads}
+    for m in methods[-4:]:
+        assert len(m.heads) == 5 and not set(m.heads) & chosen  # never a rule's head
+    assert len({tuple(m.heads) for m in methods[-4:]}) == 4
+    again = eval_nih.methods_for(FakeSelector(), args, 30, 9, 4096, 0)
+    assert [m.heads for m in again] == [m.heads for m in methods]  # fixed per setting: every prompt, every rerun
+    other = eval_nih.methods_for(FakeSelector(), args, 30, 9, 8192, 0)
+    assert [m.heads for m in other[-4:]] != [m.heads for m in methods[-4:]]  # drawn per setting
+    per = parse_args(["--variant", "parts,gaussian", "--order", "parts:asc,parts:desc,gaussian:asc"])
+    assert [m.name for m in eval_nih.methods_for(FakeSelector(), per, 30, 9, 4096, 0)] == \
+        ["none", "parts/asc", "parts/desc", "gaussian/asc", "parts/random0", "gaussian/random0"]
+    noisy = eval_nih.methods_for(FakeSelector(), parse_args(["--variant", "all", "--random-sets", "0"]), 30, 9, 4096, 4)
+    assert [m.name for m in noisy] == ["none", "all/desc"] and noisy[1].rule == eval_nih.RULE_NOISY_ALL
+
+
+def test_control_heads_are_reproducible_and_exclude_the_selection():
+    sel = [(3, 1), (5, 0), (29, 8)]
+    a = control_heads(30, 9, 3, sel, 42, 16384, 0, "all", 0)
+    assert a == control_heads(30, 9, 3, sel, 42, 16384, 0, "all", 0) and a == sorted(a)
+    assert len(set(a)) == 3 and not set(a) & set(sel)
+    everything_else = [(layer, h) for layer in range(2) for h in range(4) if (layer, h) != (0, 0)]
+    assert control_heads(2, 4, 7, [(0, 0)], 1) == everything_else
+    with pytest.raises(ValueError, match="cannot draw"):
+        control_heads(2, 4, 8, [(0, 0)], 1)
+
+
+def test_the_work_estimate_counts_both_reuses():
+    """In full prefills: a lone baseline prompt costs one; layer reuse saves the layers below a head set's first
+    denoised layer; the shared prefix saves more the deeper the needles."""
     from model import Config
 
-    args = parse_args(["--variant", "all,parts", "--controls", "random,flip", "--sweep", "--sweep-k", "1,5",
-                       "--sweep-r", "1", "--sweep-criterion", "query/post_ntk", "--sweep-order", "asc,desc"])
-    fixed = eval_nih.fixed_methods(FakeSelector(), args, noisy=0)
-    names = [m.name for m in fixed]
-    assert names[:5] == ["none", "all", "all~flip", "parts", "parts~flip"]
-    assert fixed[2].heads == [(28, h) for h in range(5)] and fixed[2].rule["order"] == "desc"
-    assert sum(m.role == "sweep" for m in fixed) == 2 * 2 * 2  # 2 variants x k in {1, 5} x 2 orders
-    assert "all[query/post_ntk trunc r=1 k=5 asc]" in names  # the rule itself, as a sweep row
-    per = eval_nih.prompt_methods(fixed, Config(), args, 4096, 0, 0.3, 2)
-    assert [m.name for m in per[len(fixed):]] == ["all~random", "parts~random"]
-    noisy = eval_nih.fixed_methods(FakeSelector(), parse_args(["--variant", "all"]), noisy=4)
-    assert noisy[1].rule == eval_nih.RULE_NOISY_ALL and len(noisy[1].heads) == 1
-    with pytest.raises(SystemExit):
-        parse_args(["--controls", "bogus"])
-    with pytest.raises(SystemExit):
-        parse_args(["--sweep-criterion", "query/nope"])
+    cfg = Config()
+    P = [(d, 0, eval_nih.Prompt([0] * 8192, "k", "1", d, int(d * 8000) + 10, d)) for d in (0.0, 0.5, 1.0)]
+    base = [Method("none", "none", "baseline")]
+    assert eval_nih.plan_work(cfg, base, P[:1], 8192, "none", 0) == pytest.approx(1.0)
+    late = base + [Method("parts/asc", "parts", "rule", heads=[(15, 0)])]
+    assert eval_nih.plan_work(cfg, late, P[:1], 8192, "layers", 0) == pytest.approx(1.5)
+    assert eval_nih.plan_work(cfg, late, P[:1], 8192, "none", 0) == pytest.approx(2.0)
+    work = {r: eval_nih.plan_work(cfg, late, P, 8192, r, 50) for r in ("prefix", "layers", "none")}
+    assert work["prefix"] < work["layers"] < work["none"]
 
 
-def rows_for(scores: dict, logprobs: dict | None = None):
-    """Synthetic result rows: scores {method: [0/1 per prompt]}."""
-    out = []
-    for name, s in scores.items():
-        variant = name.split("~")[0]
-        role = "baseline" if name == "none" else ("random" if "~" in name else "rule")
-        for i, x in enumerate(s):
-            lp = (logprobs or {}).get(name, [-1.0] * len(s))[i]
-            out.append(dict(cell=f"{name}/{i}", model="m", length=4096, noisy=0, depth=i / 10, trial=0, method=name, variant=variant,
-                            role=role, heads=[] if name == "none" else [(1, 1)], score=x, logprob=lp, first_layer=1,
-                            prefill_seconds=1.0, base_prefill_seconds=2.0))
-    return out
+def test_progress_inside_a_prefill_reaches_one_full_prefill(smol):
+    import torch
+
+    with eval_nih.LayerProgress(smol, 600, 1.0, "test") as progress:
+        smol.prefill(torch.zeros(1, 600, dtype=torch.long), smol.new_cache(1, 600), chunk=200)
+        assert progress.bar.n == pytest.approx(1.0)
+    assert all(not block._forward_hooks for block in smol.layers)  # the hooks are gone again
 
 
-def test_summary_verdicts_follow_the_intervals(tmp_path):
-    n = 40
-    base = [1] * 20 + [0] * 20
-    rows = rows_for({"none": base, "all": [1] * 38 + [0] * 2, "all~random": base,
-                     "parts": [1] * 21 + [0] * 19, "parts~random": base,
-                     "gaussian": [1] * 2 + [0] * 38, "gaussian~random": base})
-    args = parse_args(["--variant", "all,parts,gaussian"])
-    args.model_name = "m"
-    verdicts = eval_nih.summarize(rows, args, tmp_path)
-    text = (tmp_path / "summary.md").read_text()
-    assert "| all | rule |" in text and "median saving per prompt 50%" in text
-    # 40 prompts x 3 variants: a rule and its control share a head set in these synthetic rows, so each ran once
-    assert "the 120 DoPE prefills" in text and "started at layer 1.0 on average" in text
-    assert len(verdicts) == 3 and n == len(base)
-    assert "DoPE-all: gain beyond the random-head control" in verdicts[0]
-    assert "DoPE-parts: no difference" in verdicts[1]  # one prompt more is noise
-    assert "DoPE-gaussian: harm" in verdicts[2]
-    assert all("log p of the answer unchanged" in v for v in verdicts)  # every log p was -1.0
-    lower = rows_for({"none": base, "all": base}, {"none": [-1.0] * n, "all": [-1.5 + i / 1000 for i in range(n)]})
-    assert "log p of the answer lower" in eval_nih.summarize(lower, args, tmp_path)[0]
-
-    # a gain that the random control matches is not a gain of the entropy rule
-    rows = rows_for({"none": base, "all": [1] * 38 + [0] * 2, "all~random": [1] * 37 + [0] * 3})
-    v = eval_nih.summarize(rows, args, tmp_path)
-    assert "gain over the baseline, but not beyond the random-head control" in v[0]
+# -----------------------------------------------------------------------------
+# A run end to end: records, resume, keys, damaged files
 
 
-def test_summarize_dirs_pools_settings_as_pairs(tmp_path):
-    """--summarize rebuilds the summary from results.jsonl files alone: one table per setting and a pooled one
-    whose prompts stay paired (two settings of 10 prompts, each +2 for the rule: pooled 20 prompts, +4)."""
-    base = [1] * 5 + [0] * 5
-    for L, d in ((4096, "a"), (8192, "b")):
-        rows = rows_for({"none": base, "all": [1] * 7 + [0] * 3, "all~random": base})
-        for r in rows:
-            r["length"] = L
-        (tmp_path / d).mkdir()
-        (tmp_path / d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = parse_args(["--out", str(tmp_path / "sum")])
-    verdicts = eval_nih.summarize_dirs([str(tmp_path / "a"), str(tmp_path / "b")], args)
-    text = (tmp_path / "sum" / "summary.md").read_text()
-    assert "pooled over 2 settings" in text and "20 prompts" in text
-    assert [v.split(",")[0] for v in verdicts] == ["4096 tokens", "8192 tokens", "pooled"]
-    assert "| all | rule | per setting | 14/20 |" in text and "(0/4, p=0.12)" in text
-    assert (tmp_path / "sum" / "heatmap_noisy0.png").is_file()
-    with pytest.raises(SystemExit, match="does not exist"):
-        eval_nih.summarize_dirs([str(tmp_path / "nowhere")], args)
+def short_argv(tmp_path, *more):
+    return ["--model", str(ensure_weights("smollm2")), "--len", "600", "--depths", "3", "--variant", "none,all",
+            "--out", str(tmp_path), "--max-new-tokens", "10", *more]
+
+
+def test_end_to_end_short_run_retrieves_and_resumes(tmp_path, monkeypatch):
+    """Baseline, by-all and its random-head control at 600 tokens, 3 depths, float32: the baseline finds every
+    needle; an interrupted run resumes without redoing finished cells, and a torn last line costs only its cell."""
+    argv = short_argv(tmp_path)
+    rows = run(parse_args(argv))
+    assert [r["method"] for r in rows] == ["none", "all/asc", "all/random0"] * 3
+    assert [r["depth"] for r in rows[::3]] == [1.0, 0.5, 0.0]  # deepest needle first
+    base = [r for r in rows if r["method"] == "none"]
+    assert [r["score"] for r in base] == [1, 1, 1], [r["answer"] for r in base]
+    assert all(r["logprob"] > -2.0 for r in base)  # it is confident of the right number, too
+    rule = [r for r in rows if r["method"] == "all/asc"]
+    ctrl = [r for r in rows if r["method"] == "all/random0"]
+    assert all(len(r["heads"]) == 5 and r["heads"] == rule[0]["heads"] for r in rule)
+    assert all(r["heads"] == ctrl[0]["heads"] for r in ctrl)  # one fixed set per setting
+    assert not set(map(tuple, ctrl[0]["heads"])) & set(map(tuple, rule[0]["heads"]))
+    for name in ("heatmap_noisy0.png", "heads_600_noisy0_all_asc.png", "heads_600_noisy0_all_asc.json", "summary.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "DoPE all/asc:" in (tmp_path / "summary.md").read_text()
+
+    # an interruption after four cells, the fifth torn mid-write: the rerun warns, naming the file and line, and
+    # computes exactly the five missing cells
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:37])
+    calls = []
+    real = eval_nih.answer_and_decode
+    monkeypatch.setattr(eval_nih, "answer_and_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.warns(UserWarning, match=r"results.jsonl, line 5: a torn last line"):
+        rows2 = run(parse_args(argv))
+    assert len(calls) == 5
+    again = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(again) == 9 and sorted(r["cell"] for r in again) == sorted(r["cell"] for r in rows)
+    assert {r["cell"]: r["logprob"] for r in again} == {r["cell"]: r["logprob"] for r in rows}  # deterministic
+    assert [r["cell"] for r in rows2] == [r["cell"] for r in rows]
+
+    # a garbage line inside the file stops the run, naming the file and the line
+    good = (tmp_path / "results.jsonl").read_text().splitlines()
+    (tmp_path / "results.jsonl").write_text("\n".join(good[:2] + ["{not json"] + good[2:]) + "\n")
+    with pytest.raises(SystemExit, match=r"results.jsonl, line 3: not a JSON record"):
+        run(parse_args(argv))
+
+
+def test_calibration_and_records_are_keyed_on_what_they_depend_on(tmp_path, monkeypatch):
+    """A different seed, NTK factor, template or haystack gets its own calibration file and its own cells; a
+    damaged calibration file is reported, naming it, and recomputed."""
+    model = ensure_weights("smollm2")
+    run(parse_args(short_argv(tmp_path, "--depths", "1")))
+    calib = sorted(tmp_path.glob("calib_600_noisy0_*.pt"))
+    assert len(calib) == 1
+    run(parse_args(short_argv(tmp_path, "--depths", "1", "--seed", "7")))
+    hay = tmp_path / "hay.txt"
+    hay.write_text("Rivers run to the sea. Mountains stand still. Birds fly south in winter. " * 3)
+    run(parse_args(short_argv(tmp_path, "--depths", "1", "--haystack-file", str(hay))))
+    assert len(set(tmp_path.glob("calib_600_noisy0_*.pt"))) == 3
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and len({r["cell"] for r in rows}) == 9
+    hay.write_text("Rivers run to the sea. Mountains stand still. Birds fly south in winter. " * 4)  # edited
+    run(parse_args(short_argv(tmp_path, "--depths", "1", "--haystack-file", str(hay))))
+    assert len(set(tmp_path.glob("calib_600_noisy0_*.pt"))) == 4
+
+    calib[0].write_bytes(calib[0].read_bytes()[:100])  # a crash mid-write of an older version
+    (tmp_path / "results.jsonl").unlink()
+    with pytest.warns(UserWarning, match=f"{calib[0].name} is damaged"):
+        run(parse_args(short_argv(tmp_path, "--depths", "1")))
+    assert eval_nih.model_id(model) == eval_nih.model_id(model)
+    copy = tmp_path / "model"
+    copy.mkdir()
+    (copy / "config.json").write_text((model / "config.json").read_text())
+    (copy / "model.safetensors").write_bytes(b"not the same weights")
+    assert eval_nih.model_id(copy) != eval_nih.model_id(model)

@@ -1,0 +1,89 @@
+"""
+What exact reuse saves in the needle-in-a-haystack grid: the same prompts and methods run three ways, side by side in
+one process, and their answers compared.
+
+    python bench_reuse.py                      # 4K tokens, 6 depths, baseline + by-parts (both readings) + by-Gaussian
+    python bench_reuse.py --len 8k --depths 11
+
+- none:   every method prefills every prompt from scratch;
+- layers: a DoPE head set starts at its first denoised layer from the baseline's hidden state (per prompt);
+- prefix: on top of that, each head set prefills the shared haystack once and every prompt only its tail.
+
+For each it prints the work in full prefills (eval_nih.plan_work's cost model: matmuls + causal attention) and the
+wall-clock seconds, and checks that every answer equals the from-scratch one (log p to 1e-5).
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import eval_nih
+from eval_nih import HeadSetRunner, PromptBuilder, Selector, answer_and_decode, calibrate, identity, methods_for
+from model import Tokenizer
+
+
+def run_grid(model, tok, builder, prompts, methods, reuse, args, stop):
+    length = len(prompts[0][2].ids)
+    extra = args.max_new_tokens + 16
+    runner = HeadSetRunner(model, methods[1:], length, extra, args.chunk, reuse, args.device, args.seed)
+    sets = {m.head_set for m in methods}
+    out, t0 = {}, time.time()
+    if reuse == "prefix":
+        runner.prefix(builder.stream(prompts[0][2].needle_at), sets)
+    for d, t, p in prompts:
+        answer, ids = tok.encode(" " + p.value), torch.tensor([p.ids], device=args.device)
+
+        def decode(head_set, cache, logits):
+            return answer_and_decode(model, head_set, cache, logits, answer, ids, args.max_new_tokens, stop, args.seed)
+
+        outs = runner.prompt(p.ids, p.needle_at if reuse == "prefix" else 0, sets, decode)
+        out.update({(d, t, m.name): outs[m.head_set] for m in methods})
+    return out, time.time() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--len", default="4k")
+    p.add_argument("--depths", type=int, default=6)
+    p.add_argument("--variant", default="parts,gaussian")
+    p.add_argument("--order", default="asc,desc")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of the three modes, interleaved (median reported)")
+    a = p.parse_args()
+    args = eval_nih.parse_args(["--len", a.len, "--depths", str(a.depths), "--variant", a.variant, "--order", a.order])
+    length = args.len[0]
+    path = eval_nih.DEFAULT_MODEL
+    from setup_weights import ensure_weights
+
+    ensure_weights("smollm2", out=path.parent)
+    tok = Tokenizer(path)
+    model, factor = eval_nih.load_model(path, length, args)
+    builder = PromptBuilder(tok, eval_nih.FILLER, model.config.bos_token_id)
+    stop = eval_nih.stop_tokens(tok, model.config)
+    out = eval_nih.PROJECT / "results" / "bench_reuse"
+    out.mkdir(parents=True, exist_ok=True)
+    calib = calibrate(model, builder, length, 0, args, out, identity(args, eval_nih.model_id(path), eval_nih.FILLER,
+                                                                      factor))
+    methods = methods_for(Selector(calib), args, model.config.n_layer, model.config.n_head, length, 0)
+    prompts = sorted(eval_nih.setting_prompts(builder, length, 0, args), key=lambda x: -x[2].needle_at)
+    print(f"{length} tokens, {len(prompts)} prompts x {len(methods)} methods "
+          f"({', '.join(m.name for m in methods)}), {args.dtype} on {args.device}")
+    times, results = {r: [] for r in eval_nih.REUSE[::-1]}, {}
+    for _ in range(a.repeats):
+        for reuse in times:
+            results[reuse], secs = run_grid(model, tok, builder, prompts, methods, reuse, args, stop)
+            times[reuse].append(secs)
+    ref = results["none"]
+    print("| reuse | work (full prefills) | wall-clock s | vs none | answers equal |\n|---|---|---|---|---|")
+    base = statistics.median(times["none"])
+    for reuse, ts in times.items():
+        work = eval_nih.plan_work(model.config, methods, prompts, length, reuse, args.max_new_tokens + 16)
+        same = all(results[reuse][c]["new"] == o["new"] and abs(results[reuse][c]["logprob"] - o["logprob"]) < 1e-5
+                   for c, o in ref.items())
+        print(f"| {reuse} | {work:.1f} | {statistics.median(ts):.0f} | {statistics.median(ts) / base:.2f} | "
+              f"{'yes' if same else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()

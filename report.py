@@ -1,0 +1,311 @@
+"""
+Tables, verdicts and pictures for the needle-in-a-haystack records that eval_nih.py writes (one JSON line per prompt
+and method). Needs no model: `python eval_nih.py --summarize DIR ...` rebuilds everything from the records.
+
+Decision rules, declared once and used for every row, setting and pooled table:
+- accuracy: a method differs from the baseline (or a rule from its random-head control) when Newcombe's paired 95%
+  interval of the accuracy difference excludes 0 (stats.paired);
+- answer log-probability: it is higher or lower when the exact 95% interval of the median paired difference excludes
+  0 (stats.paired_median: the sign test's own interval, so the interval and the test cannot disagree).
+The mean of the log-probability differences is shown too, as a description only.
+"""
+
+import json
+import math
+import os
+import statistics
+import warnings
+from pathlib import Path
+
+from stats import paired, paired_median, wilson
+
+RULES = ("Decision rules: an accuracy difference counts when Newcombe's paired 95% interval excludes 0; a "
+         "log-probability shift counts when the exact 95% interval of the median paired difference (the sign test's "
+         "interval) excludes 0.")
+
+
+# -----------------------------------------------------------------------------
+# Records: append-only JSONL, resumable across machines
+
+
+def load_done(results: Path) -> dict:
+    """cell -> record. A torn last line (an interrupted write: text after the last newline that is not a record) is
+    dropped with a warning naming the file and line; any other line that is not a record stops the run, naming the
+    file and line."""
+    done = {}
+    if not results.exists():
+        return done
+    lines = results.read_bytes().split(b"\n")
+    offset = 0
+    for i, raw in enumerate(lines):
+        torn = i == len(lines) - 1  # no newline after it: the write did not finish
+        if raw.strip():
+            try:
+                r = json.loads(raw)
+                if not isinstance(r, dict) or "cell" not in r:
+                    raise ValueError("not a record with a 'cell' field")
+                done[r["cell"]] = r
+                if torn:  # a whole record whose newline was lost: complete it
+                    with open(results, "ab") as f:
+                        f.write(b"\n")
+            except ValueError as e:
+                if not torn:
+                    raise SystemExit(f"error: {results}, line {i + 1}: not a JSON record ({e}); remove or fix that "
+                                     "line (every other line is a finished cell)") from None
+                warnings.warn(f"{results}, line {i + 1}: a torn last line (an interrupted write) was dropped; "
+                              "its cell runs again")
+                with open(results, "r+b") as f:
+                    f.truncate(offset)
+        offset += len(raw) + 1
+    return done
+
+
+def append_record(results: Path, rec: dict):
+    """One line per finished cell, flushed to disk: an interruption loses at most the cell being written."""
+    with results.open("ab") as f:
+        f.write((json.dumps(rec) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -----------------------------------------------------------------------------
+# Tables and verdicts
+
+
+def _prompt(r):
+    return r["length"], r["noisy"], r["depth"], r["trial"]
+
+
+def _pct(x):
+    return f"{100 * x:+.1f}"
+
+
+def shift(lp: dict) -> str:
+    """The log-probability rule: higher / lower when the median's interval excludes 0."""
+    return "higher" if lp["lo"] > 0 else "lower" if lp["hi"] < 0 else "unchanged"
+
+
+def verdict(vs_base: dict, vs_ctrl: dict | None) -> str:
+    """The accuracy rule: a difference counts only when its 95% interval excludes zero."""
+    if vs_base["lo"] > 0:
+        if vs_ctrl is None:
+            return "gain over the baseline (no control run)"
+        return "gain beyond the random-head control" if vs_ctrl["lo"] > 0 else \
+            "gain over the baseline, but not beyond the random-head control"
+    if vs_base["hi"] < 0:
+        return "harm"
+    return "no difference"
+
+
+def control_of(rows_by_name: dict, variant: str):
+    """The control a rule is judged against: its variant's first random head set (random0)."""
+    for name in (f"{variant}/random0", f"{variant}~random"):  # the second: records of earlier versions
+        if name in rows_by_name:
+            return name
+    return None
+
+
+def _ival(x, fmt):
+    lo = "-inf" if x["lo"] == -math.inf else format(x["lo"], fmt)
+    hi = "inf" if x["hi"] == math.inf else format(x["hi"], fmt)
+    return f"[{lo}, {hi}]"
+
+
+def table(grp: list, title: str, label: str, verdicts: list) -> list:
+    """The markdown table of one group of rows; appends one verdict line per rule to `verdicts`."""
+    lines = ["", f"### {title}", "",
+             "| method | role | heads | correct | accuracy [95% CI] | mean log p | vs baseline: accuracy [95% CI] "
+             "(b/c) | vs baseline: median log p [95% CI] (-/+) | vs random0: accuracy [95% CI] | "
+             "vs random0: median log p [95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    names = list(dict.fromkeys(r["method"] for r in grp))
+    by = {n: {_prompt(r): r for r in grp if r["method"] == n} for n in names}
+    sweep = [n for n in names if next(iter(by[n].values()))["role"] == "sweep"]
+    best = max(sweep, key=lambda n: (sum(r["score"] for r in by[n].values()),
+                                     sum(r["logprob"] for r in by[n].values()))) if sweep else None
+    for n in names:
+        cells = by[n]
+        first = next(iter(cells.values()))
+        s = [r["score"] for r in cells.values()]
+        lo, hi = wilson(sum(s), len(s))
+        role = first["role"] + (" (best of sweep on the test prompts)" if n == best else "")
+        heads = str([tuple(h) for h in first["heads"]]) if first["heads"] else "-"
+        if len(heads) > 40:
+            heads = f"{len(first['heads'])} heads"
+        if label == "pooled" and first["heads"]:
+            heads = "per setting"
+        row = [n, role, heads, f"{sum(s)}/{len(s)}", f"{100 * sum(s) / len(s):.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]",
+               f"{sum(r['logprob'] for r in cells.values()) / len(s):.2f}"]
+        vs_base = lp = vs_ctrl = lp_ctrl = None
+        common = sorted(set(cells) & set(by.get("none", {})))
+        if n != "none" and common:
+            vs_base = paired([by["none"][i]["score"] for i in common], [cells[i]["score"] for i in common])
+            lp = paired_median([by["none"][i]["logprob"] for i in common], [cells[i]["logprob"] for i in common])
+            row += [f"{_pct(vs_base['diff'])} [{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}] ({vs_base['b']}/{vs_base['c']})",
+                    f"{lp['diff']:+.3f} {_ival(lp, '+.3f')} ({lp['neg']}-/{lp['pos']}+)"]
+        else:
+            row += ["", ""]
+        ctrl = control_of(by, first["variant"])
+        if first["role"] in ("rule", "sweep") and ctrl:
+            both = sorted(set(cells) & set(by[ctrl]))
+            vs_ctrl = paired([by[ctrl][i]["score"] for i in both], [cells[i]["score"] for i in both])
+            lp_ctrl = paired_median([by[ctrl][i]["logprob"] for i in both], [cells[i]["logprob"] for i in both])
+            row += [f"{_pct(vs_ctrl['diff'])} [{_pct(vs_ctrl['lo'])}, {_pct(vs_ctrl['hi'])}]",
+                    f"{lp_ctrl['diff']:+.3f} {_ival(lp_ctrl, '+.3f')}"]
+        else:
+            row += ["", ""]
+        lines.append("| " + " | ".join(row) + " |")
+        if first["role"] == "rule" and vs_base is not None:
+            v = (f"{label}, DoPE {n}: {verdict(vs_base, vs_ctrl)} (accuracy {_pct(vs_base['diff'])} pts "
+                 f"[{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}]); log p of the answer {shift(lp)} "
+                 f"(median {lp['diff']:+.3f} {_ival(lp, '+.3f')})")
+            if lp_ctrl is not None:
+                v += f"; against its random control the log p is {shift(lp_ctrl)} (median {lp_ctrl['diff']:+.3f})"
+            verdicts.append(v)
+    lines += spread(by)
+    lines += timing(grp)
+    return lines
+
+
+def spread(by: dict) -> list:
+    """Where a variant has several random head sets, how far apart they land."""
+    out = []
+    for variant in sorted({next(iter(c.values()))["variant"] for c in by.values()}):
+        sets = [n for n in by if n.startswith(f"{variant}/random")]
+        if len(sets) > 1:
+            acc = [sum(r["score"] for r in by[n].values()) / len(by[n]) for n in sets]
+            lp = [statistics.mean(r["logprob"] for r in by[n].values()) for n in sets]
+            out.append(f"- {variant}: {len(sets)} random head sets, accuracy {100 * min(acc):.0f}% to "
+                       f"{100 * max(acc):.0f}%, mean log p {min(lp):.2f} to {max(lp):.2f}")
+    return ["", "Spread of the random-head controls:", ""] + out if out else []
+
+
+def timing(grp: list) -> list:
+    """Seconds spent (wall-clock: read them only from a run on an otherwise idle machine)."""
+    if not all("prefill_seconds" in r for r in grp):
+        return []
+    runs = {(*_prompt(r), r["variant"], json.dumps(r["heads"])): r for r in grp}
+    pre = sum(r["prefill_seconds"] for r in runs.values())
+    dec = sum(r.get("decode_seconds", 0.0) for r in runs.values())
+    modes = sorted({r.get("reuse", "layers") for r in grp})
+    return ["", f"Work: {len(runs)} distinct (prompt, head set) runs, {pre:.0f} s of tail prefills and {dec:.0f} s of "
+                f"decoding (reuse: {', '.join(modes)}; shared-prefix prefills are not in these rows; wall-clock)."]
+
+
+def summarize(rows: list, out: Path) -> list:
+    """Per (length, noise): accuracy with a 95% Wilson interval and the mean log-probability of the right answer for
+    every method, each method against the baseline and each rule against its random control on the same prompts,
+    and a verdict per rule. With several settings, one more table pools their prompts (each prompt is still a pair;
+    a method name then means each setting's own rule). Printed and written to out/summary.md with the heatmaps and
+    the plot against the context multiple. Returns the verdict lines."""
+    if not rows:
+        return []
+    lines, verdicts = [], []
+    groups = sorted({(r["length"], r["noisy"]) for r in rows})
+    for L, noisy in groups:
+        grp = [r for r in rows if r["length"] == L and r["noisy"] == noisy]
+        n_prompts = len({(r["depth"], r["trial"]) for r in grp})
+        title = (f"{grp[0]['model']}, {L} tokens{_multiple(grp[0])}, noisy={noisy}: {n_prompts} prompts "
+                 f"({len({r['depth'] for r in grp})} depths x {len({r['trial'] for r in grp})} needles)")
+        lines += table(grp, title, f"{L} tokens, noisy={noisy}", verdicts)
+    if len(groups) > 1:
+        title = (f"{rows[0]['model']}, pooled over {len(groups)} settings "
+                 f"({', '.join(f'{L}/noisy={n}' for L, n in groups)}): "
+                 f"{len({_prompt(r) for r in rows})} prompts; each method is each setting's own rule")
+        lines += table(rows, title, "pooled", verdicts)
+    lines += ["", "Verdicts. " + RULES, ""] + [f"- {v}" for v in verdicts]
+    text = "\n".join(lines)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(text.lstrip() + "\n")
+    for noisy in sorted({r["noisy"] for r in rows}):
+        plot_heatmap([r for r in rows if r["noisy"] == noisy and r["role"] != "sweep"], out / f"heatmap_noisy{noisy}.png",
+                     noisy)
+    if len({r["length"] for r in rows}) > 1 and all("native" in r for r in rows):
+        plot_by_multiple(rows, out / "by_multiple.png")
+    return verdicts
+
+
+def _multiple(r):
+    return f" ({r['length'] / r['native']:.0f}x native)" if r.get("native") else ""
+
+
+def plot_heatmap(rows, path, noisy):
+    """gkamradt-style: depth on the y axis, one column per method (and a panel per length), red = miss; a cell is
+    the fraction of its needles retrieved."""
+    if not rows:
+        return
+    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.figure import Figure
+
+    lengths = sorted({r["length"] for r in rows})
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    ds = sorted({r["depth"] for r in rows})
+    cmap = LinearSegmentedColormap.from_list("nih", ["#F0496E", "#EBB839", "#0CD79F"])
+    fig = Figure(figsize=(2.2 + 1.0 * len(names) * len(lengths), 1.5 + 0.35 * len(ds)), layout="constrained")
+    axes = fig.subplots(1, len(lengths), squeeze=False)[0]
+    for ax, L in zip(axes, lengths):
+        grid = [[_mean([r["score"] for r in rows if r["length"] == L and r["method"] == n and r["depth"] == d])
+                 for n in names] for d in ds]
+        im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, val in enumerate(row):
+                if not math.isnan(val):
+                    ax.text(j, i, f"{val:.2g}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(names)), [("baseline" if n == "none" else n) for n in names], rotation=30, ha="right")
+        ax.set_yticks(range(len(ds)), [f"{100 * d:.0f}%" for d in ds])
+        n = len({r["trial"] for r in rows if r["length"] == L})
+        ax.set_title(f"{L} tokens ({n} needle{'s' * (n > 1)} per cell)")
+        ax.set_ylabel("needle depth")
+    fig.colorbar(im, ax=axes, label="fraction retrieved")
+    fig.suptitle(f"{rows[0]['model']}: needle in a haystack{' (noisy: %d sinks)' % noisy if noisy else ''}")
+    fig.savefig(path, dpi=110)
+    print(f"heatmap: {path}")
+
+
+def plot_by_multiple(rows, path):
+    """Accuracy and mean answer log-probability against the context multiple (length / native), one line per method
+    and noise setting; random head sets are averaged into one line per variant."""
+    from matplotlib.figure import Figure
+
+    def label(r):
+        return f"{r['variant']}/random" if r["role"] == "random" else r["method"]
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_acc, ax_lp = fig.subplots(1, 2)
+    for noisy in sorted({r["noisy"] for r in rows}):
+        for name in dict.fromkeys(label(r) for r in rows if r["noisy"] == noisy and r["role"] != "sweep"):
+            pts = {}
+            for r in rows:
+                if r["noisy"] == noisy and label(r) == name:
+                    pts.setdefault(r["length"] / r["native"], []).append(r)
+            xs = sorted(pts)
+            style = "--" if noisy else "-"
+            tag = f"{'baseline' if name == 'none' else name}{' noisy' if noisy else ''}"
+            ax_acc.plot(xs, [100 * _mean([r["score"] for r in pts[x]]) for x in xs], style, marker="o", label=tag)
+            ax_lp.plot(xs, [_mean([r["logprob"] for r in pts[x]]) for x in xs], style, marker="o", label=tag)
+    for ax, what in ((ax_acc, "accuracy (%)"), (ax_lp, "mean log p of the answer")):
+        ax.set_xlabel("context / native context")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    ax_lp.legend(fontsize=7, loc="best")
+    fig.suptitle(f"{rows[0]['model']}: needle in a haystack against the context multiple")
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summarize_dirs(dirs, out: Path) -> list:
+    """--summarize: the summary of finished runs, without loading a model."""
+    rows = []
+    for d in dirs:
+        f = Path(d) / "results.jsonl"
+        if not f.is_file():
+            raise SystemExit(f"error: {f} does not exist (give folders that an eval_nih.py run wrote to)")
+        rows += load_done(f).values()
+    if not rows:
+        raise SystemExit(f"error: no results in {', '.join(map(str, dirs))}")
+    return summarize(rows, Path(out))
