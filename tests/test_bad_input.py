@@ -230,3 +230,18 @@ GOOD = [
 @pytest.mark.parametrize("call", [row[1] for row in GOOD], ids=[row[0] for row in GOOD])
 def test_valid_edge_cases_still_work(c, call):
     assert call(c)
+
+
+def test_model_main_default_resolves_against_the_project(tmp_path):
+    """`python model.py` from another folder looks for weights/ next to model.py, not in the working directory."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import setup_weights
+
+    project = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(project / "model.py"), "--help"], cwd=tmp_path, capture_output=True,
+                         text=True, check=True)
+    assert str(setup_weights.DEFAULT_MODEL_DIR) in " ".join(run.stdout.split()), run.stdout
+    assert setup_weights.DEFAULT_MODEL_DIR.is_absolute()
