@@ -20,9 +20,9 @@ when it is complete and has passed a few cheap sanity checks, so a failed run
 never leaves a half-written model behind. A finished folder holds a
 `.complete` marker and, written last, `MANIFEST.json`: the size and sha256 of
 every file. The script does nothing when the marker matches and every file
-still has its recorded size and hash (hashed once per process: 0.2-0.35 s for
-SmolLM2, 0.9 s for Qwen), which makes it cheap to call at the start of every
-test run. A damaged folder (a truncated or edited file, a missing one) is
+still has its recorded size and hash (hashed once per process: 0.2-0.5 s for
+SmolLM2, 0.9-2.5 s for Qwen), which makes it cheap to call at the start of
+every test run. A damaged folder (a truncated or edited file, a missing one) is
 rebuilt from the cached GGUF; if that cannot be had (offline, no cache) it is
 refused, naming the damaged file. A folder without a manifest (written by an
 older version of this script) is rebuilt the same way.
@@ -282,7 +282,7 @@ def folder_problems(folder: Path, spec: ModelSpec, dtype: str) -> list[str]:
     """Why `folder` is not a finished, intact build of this GGUF in this dtype by this converter ([] if it is).
 
     Every file listed in MANIFEST.json must have its recorded size (a stat) and sha256 (hashed once per process
-    while the file's inode, size, mtime and ctime stay the same: 0.2-0.35 s for SmolLM2's 270 MB, 0.9 s for
+    while the file's inode, size, mtime and ctime stay the same: 0.2-0.5 s for SmolLM2's 270 MB, 0.9-2.5 s for
     Qwen's 1.26 GB, from the page cache). Files the manifest does not list are ignored."""
     if not folder.is_dir():
         return [f"{folder} does not exist" if not folder.exists() else f"{folder} is not a folder"]
