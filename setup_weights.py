@@ -409,7 +409,7 @@ _HASHED: dict[tuple, str] = {}  # (device, inode, size, mtime, ctime) -> sha256,
 
 def sha256_once(path: Path) -> str:
     """sha256_of, remembered for this process while the file is unchanged. Any write, truncation, rename over it
-    or chmod changes its ctime (which no user call can set back), so a changed file is always hashed again."""
+    or chmod changes its ctime (which utime/touch cannot set back), so a changed file is always hashed again."""
     st = os.stat(path)
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _HASHED:

@@ -164,8 +164,8 @@ BAD = [
      FileNotFoundError, r"hf has no config\.json \("),
     ("corrupt config.json", lambda c: Transformer.from_pretrained(edit(c.folder() / "config.json", '{"vocab_size": ')),
      ValueError, r"hf/config\.json is not valid JSON"),
-    ("binary config.json", lambda c: Transformer.from_pretrained(edit(c.folder() / "config.json", data=b"\xff\xfe\x00")),
-     ValueError, r"hf/config\.json is not valid JSON"),
+    ("binary config.json", lambda c: Transformer.from_pretrained(
+        edit(c.folder() / "config.json", data=b"\xff\xfe\x00")), ValueError, r"hf/config\.json is not valid JSON"),
     ("config.json without a key", lambda c: Transformer.from_pretrained(
         edit(c.folder() / "config.json", json.dumps({k: v for k, v in TINY_HF.items() if k != "hidden_size"}))),
      ValueError, r"hf/config\.json is not a usable HF config: missing key 'hidden_size'"),
