@@ -235,7 +235,9 @@ class KVCache:
     (a layer with per-head DoPE tables stores keys per query head)."""
 
     def __init__(self, n_layer: int, max_len: int):
-        if isinstance(max_len, bool) or not isinstance(max_len, Integral) or max_len < 1:
+        if isinstance(max_len, bool) or not isinstance(max_len, Integral):
+            raise TypeError(f"a KV cache's max_len must be an int, got max_len={max_len!r}")
+        if max_len < 1:
             raise ValueError(f"a KV cache holds max_len >= 1 positions, got max_len={max_len!r}")
         self.max_len, self.pos = int(max_len), 0
         self.k, self.v = [None] * n_layer, [None] * n_layer
@@ -376,8 +378,10 @@ class Transformer(nn.Module):
                 taps=None):
         """Run idx (B, T) into the cache chunk by chunk; returns the last position's logits (B, 1, vocab).
         Memory grows with chunk * T, never T * T. from_layer / hidden (one tensor per chunk) / taps: see forward."""
-        if isinstance(chunk, bool) or not isinstance(chunk, Integral) or chunk < 1:
-            raise ValueError(f"prefill chunk must be an int >= 1 (tokens per forward), got chunk={chunk!r}")
+        if isinstance(chunk, bool) or not isinstance(chunk, Integral):
+            raise TypeError(f"prefill chunk must be an int (tokens per forward), got chunk={chunk!r}")
+        if chunk < 1:
+            raise ValueError(f"prefill chunk must be >= 1 (tokens per forward), got chunk={chunk!r}")
         check_token_ids(idx, self.config.vocab_size)
         n_chunks = -(-idx.shape[1] // chunk)
         if hidden is not None and len(hidden) != n_chunks:
@@ -395,8 +399,10 @@ class Transformer(nn.Module):
     def generate(self, idx, max_new_tokens: int, stop_tokens=(), chunk: int = 2048, cache=None, logits=None):
         """Greedy decoding of one sequence idx (1, T). Returns the new token ids (stop token excluded).
         With logits, the prompt is already in the cache (e.g. a prefill with reused layers) and is not run again."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral):
+            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}")
         check_token_ids(idx, self.config.vocab_size)
         if idx.shape[0] != 1:
             raise ValueError(f"generate() decodes one sequence at a time: idx has shape {tuple(idx.shape)}, "

@@ -1,6 +1,7 @@
-"""Bad inputs to the library API, one row each: the call, the exception it must raise and a regex its message must
-match (naming the value). Rows that were already errors stay here so they stay errors; GOOD lists the edge cases that
-must keep working. A tiny random model covers the model API; the packaged SmolLM2 covers the real vocabulary."""
+"""Bad inputs to the library API, one row each: the call, the exception it must raise (TypeError for a value of the
+wrong type, ValueError for one out of range, FileNotFoundError for a missing file) and a regex its message must match
+(naming the value or the file). Rows that were already errors stay here so they stay errors; GOOD lists the edge cases
+that must keep working. A tiny random model covers the model API; the packaged SmolLM2 covers the real vocabulary."""
 
 import json
 import math
@@ -79,7 +80,7 @@ BAD = [
     ("generate empty prompt", lambda c: c.tiny.generate(torch.zeros(1, 0, dtype=torch.long), 3),
      ValueError, r"empty prompt: .*shape \(1, 0\)"),
     ("generate max_new_tokens < 0", lambda c: c.tiny.generate(ids(1, 2), -3), ValueError, r"max_new_tokens.*-3"),
-    ("generate max_new_tokens float", lambda c: c.tiny.generate(ids(1, 2), 2.5), ValueError, r"max_new_tokens.*2\.5"),
+    ("generate max_new_tokens float", lambda c: c.tiny.generate(ids(1, 2), 2.5), TypeError, r"max_new_tokens.*2\.5"),
     ("generate two sequences", lambda c: c.tiny.generate(torch.zeros(2, 5, dtype=torch.long), 3),
      ValueError, r"one sequence at a time: idx has shape \(2, 5\)"),
     ("token id == vocab", lambda c: c.tiny(ids(1, 2, 97)), ValueError,
@@ -98,7 +99,7 @@ BAD = [
     ("prefill chunk 0", lambda c: c.tiny.prefill(ids(1, 2, 3), c.tiny.new_cache(1, 8), chunk=0), ValueError,
      r"chunk=0"),
     ("prefill chunk float", lambda c: c.tiny.prefill(ids(1, 2, 3), c.tiny.new_cache(1, 8), chunk=1.5),
-     ValueError, r"chunk=1\.5"),
+     TypeError, r"chunk=1\.5"),
     ("prefill empty", lambda c: c.tiny.prefill(torch.zeros(1, 0, dtype=torch.long), c.tiny.new_cache(1, 8)),
      ValueError, r"empty prompt"),
     ("prefill hidden count", lambda c: c.tiny.prefill(ids(1, 2, 3), c.tiny.new_cache(1, 8), chunk=2, from_layer=1,
@@ -108,6 +109,7 @@ BAD = [
      r"from_layer=5.*1\.\.2"),
     ("from_layer without hidden", lambda c: c.tiny(ids(1), from_layer=1), ValueError, r"from_layer=1"),
     ("cache max_len < 0", lambda c: c.tiny.new_cache(1, -4), ValueError, r"max_len=-4"),
+    ("cache max_len float", lambda c: c.tiny.new_cache(1, 4.5), TypeError, r"max_len=4\.5"),
     ("cache full (already)", lambda c: c.tiny(ids(1, 2, 3, 4, 5), cache=c.tiny.new_cache(1, 4)), ValueError,
      r"KV cache of 4 positions is full: cannot add 5 at position 0"),
     ("cache rewind past its end (already)", lambda c: c.tiny.new_cache(1, 4).rewind(2), ValueError,
