@@ -22,17 +22,17 @@ from model import Transformer
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="weights/SmolLM2-135M-Instruct")
+    p.add_argument("--model", help="an HF folder (default: SmolLM2 in weights/ next to this script, fetched if needed)")
     p.add_argument("--lens", default="8k,16k")
     p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"], help="as eval_nih (default float32)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk", type=int, default=0, help="prefill chunk; 0 = the whole prompt in one pass, as eval_nih")
     p.add_argument("--k", type=int, default=5, help="heads denoised in the DoPE runs")
     a = p.parse_args()
-    if a.model == "weights/SmolLM2-135M-Instruct":
+    if a.model is None:  # the packaged default, resolved against the project (not the working directory)
         from setup_weights import ensure_weights
 
-        ensure_weights("smollm2")
+        a.model = str(ensure_weights("smollm2"))
     print(f"{a.model}, {a.dtype}, chunk {a.chunk or 'one pass'}, {torch.get_num_threads()} threads, median of {a.repeats}")
     print(f"{'tokens':>7} {'plain s':>8} | {'scoring s':>9} {'ratio':>6} | " +
           " | ".join(f"{'DoPE-' + v + ' s':>15} {'ratio':>6}" for v in ("parts", "all", "gaussian")))

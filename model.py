@@ -15,6 +15,7 @@ Module and parameter names follow HF (`q_proj`, `input_layernorm`, ...) so any H
 import json
 import math
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -234,7 +235,11 @@ class KVCache:
     (a layer with per-head DoPE tables stores keys per query head)."""
 
     def __init__(self, n_layer: int, max_len: int):
-        self.max_len, self.pos = max_len, 0
+        if isinstance(max_len, bool) or not isinstance(max_len, Integral):
+            raise TypeError(f"a KV cache's max_len must be an int, got max_len={max_len!r}")
+        if max_len < 1:
+            raise ValueError(f"a KV cache holds max_len >= 1 positions, got max_len={max_len!r}")
+        self.max_len, self.pos = int(max_len), 0
         self.k, self.v = [None] * n_layer, [None] * n_layer
 
     def update(self, layer, k, v):  # k, v: (B, h, T, d) for positions pos .. pos + T - 1
@@ -342,6 +347,10 @@ class Transformer(nn.Module):
         Prefix reuse (a DoPE head changes nothing below its layer): taps = {layer: []} collects the input hidden
         state (B, T, C) of those layers; from_layer=l with hidden = such a state resumes the forward at layer l, the
         cache holding the layers below l from an earlier run."""
+        check_token_ids(idx, self.config.vocab_size)
+        if not 0 <= from_layer <= len(self.layers) or (from_layer > 0 and hidden is None):
+            raise ValueError(f"from_layer={from_layer!r}: expected 0 or a layer in 1..{len(self.layers)} with its "
+                             "input hidden state")
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         pos = torch.arange(start, start + T, device=idx.device)  # (T,) absolute positions
@@ -369,6 +378,15 @@ class Transformer(nn.Module):
                 taps=None):
         """Run idx (B, T) into the cache chunk by chunk; returns the last position's logits (B, 1, vocab).
         Memory grows with chunk * T, never T * T. from_layer / hidden (one tensor per chunk) / taps: see forward."""
+        if isinstance(chunk, bool) or not isinstance(chunk, Integral):
+            raise TypeError(f"prefill chunk must be an int (tokens per forward), got chunk={chunk!r}")
+        if chunk < 1:
+            raise ValueError(f"prefill chunk must be >= 1 (tokens per forward), got chunk={chunk!r}")
+        check_token_ids(idx, self.config.vocab_size)
+        n_chunks = -(-idx.shape[1] // chunk)
+        if hidden is not None and len(hidden) != n_chunks:
+            raise ValueError(f"hidden holds {len(hidden)} chunk states, but {idx.shape[1]} tokens in chunks of "
+                             f"{chunk} make {n_chunks}")
         logits = None
         for n, i in enumerate(range(0, idx.shape[1], chunk)):
             logits = self(idx[:, i:i + chunk], cache=cache, observer=observer, from_layer=from_layer,
@@ -381,7 +399,14 @@ class Transformer(nn.Module):
     def generate(self, idx, max_new_tokens: int, stop_tokens=(), chunk: int = 2048, cache=None, logits=None):
         """Greedy decoding of one sequence idx (1, T). Returns the new token ids (stop token excluded).
         With logits, the prompt is already in the cache (e.g. a prefill with reused layers) and is not run again."""
-        assert idx.shape[0] == 1, "generate() decodes one sequence at a time"
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral):
+            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}")
+        check_token_ids(idx, self.config.vocab_size)
+        if idx.shape[0] != 1:
+            raise ValueError(f"generate() decodes one sequence at a time: idx has shape {tuple(idx.shape)}, "
+                             "expected (1, tokens)")
         if cache is None:
             cache = self.new_cache(1, idx.shape[1] + max_new_tokens)
         if logits is None:
@@ -400,9 +425,21 @@ class Transformer(nn.Module):
         """Load an HF Llama/Qwen2 folder (config.json + model.safetensors or a sharded index). rope_scaling
         overrides the config's, e.g. {"rope_type": "ntk", "factor": 8.0} for the DoPE paper's 64K setup."""
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no config.json in {path} (see weights.md for how to get weights)")
-        cfg = Config.from_hf(json.loads((path / "config.json").read_text()))
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder {path} does not exist or is not a folder, so it has no "
+                                    "config.json or model.safetensors (see weights.md for how to get weights)")
+        weights = "model.safetensors.index.json" if (path / "model.safetensors.index.json").is_file() \
+            else "model.safetensors"
+        missing = [f for f in ("config.json", weights) if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path} has no {' and no '.join(missing)} (see weights.md for how to get "
+                                    "weights)")
+        d = read_json(path / "config.json")
+        try:
+            cfg = Config.from_hf(d)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path / 'config.json'} is not a usable HF config: "
+                             f"{'missing key ' + repr(e.args[0]) if isinstance(e, KeyError) else e}") from e
         if rope_scaling is not None:
             cfg.rope_scaling = rope_scaling or None
         with torch.device("meta"):
@@ -434,17 +471,52 @@ def load_safetensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    if index.is_file():
+        try:
+            files = sorted(set(read_json(index)["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} has no weight_map of tensor -> file") from e
+    else:
+        files = ["model.safetensors"]
+    missing = [name for name in files if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing weights file{'s' if len(missing) > 1 else ''} in {path}: "
+                                f"{', '.join(missing)}")
     sd = {}
     for name in files:
         f = path / name
-        if not f.is_file():
-            raise FileNotFoundError(f"missing weights file {f}")
         try:
             sd.update(load_file(f))
         except SafetensorError as e:
             raise ValueError(f"corrupt safetensors file {f}: {e}") from e
     return sd
+
+
+def read_json(path: Path):
+    """A JSON file's contents; a file that is not JSON (or not text) is an error naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (corrupt or truncated?): {e}") from e
+
+
+def check_token_ids(idx, vocab_size: int) -> None:
+    """What the embedding would reject with an unhelpful message (or misread), rejected naming the value: idx must
+    be a (batch, tokens) tensor of int64/int32 ids in [0, vocab_size), with at least one token. One min/max pass."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"token ids must be a torch.Tensor of shape (batch, tokens), got {type(idx).__name__}")
+    if idx.ndim != 2 or idx.shape[0] == 0:
+        raise ValueError(f"token ids must have shape (batch, tokens), got {tuple(idx.shape)}")
+    if idx.shape[1] == 0:
+        raise ValueError(f"empty prompt: token ids of shape {tuple(idx.shape)} hold no token")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"token ids must be torch.int64 or torch.int32, got {idx.dtype}")
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        where = tuple(torch.nonzero(idx == bad)[0].tolist())
+        raise ValueError(f"token id {bad} at (batch, position) {where} is out of range: the vocabulary has "
+                         f"{vocab_size} ids, 0..{vocab_size - 1}")
 
 
 # -----------------------------------------------------------------------------
@@ -458,9 +530,15 @@ class Tokenizer:
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {path}")
-        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
+            raise ValueError(f"{path / 'tokenizer.json'} is not a readable tokenizer (corrupt or truncated?): "
+                             f"{e}") from e
         tc = path / "tokenizer_config.json"
-        self.config = json.loads(tc.read_text()) if tc.is_file() else {}
+        self.config = read_json(tc) if tc.is_file() else {}
+        if not isinstance(self.config, dict):
+            raise ValueError(f"{tc} holds a {type(self.config).__name__}, not a JSON object")
         self.bos_token, self.eos_token = self._str(self.config.get("bos_token")), self._str(self.config.get("eos_token"))
         self.eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
 
@@ -495,14 +573,16 @@ if __name__ == "__main__":
     import argparse
     import time
 
+    from setup_weights import DEFAULT_MODEL_DIR  # weights/ next to this file, whatever the working directory
+
     p = argparse.ArgumentParser(description="Chat with a checkpoint through model.py")
-    p.add_argument("--model", default="weights/SmolLM2-135M-Instruct")
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="an HF folder (default: %(default)s)")
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a = p.parse_args()
-    tok = Tokenizer(a.model)
     model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
+    tok = Tokenizer(a.model)
     ids = tok.encode(tok.chat([{"role": "user", "content": a.prompt}]))
     t0 = time.time()
     out = model.generate(torch.tensor([ids]), a.max_new_tokens, stop_tokens={tok.eos_id, *model.config.eos_token_ids})

