@@ -1,9 +1,10 @@
 """
-An optional fused RoPE for model.py: one Triton program rotates queries and keys together (the Liger-Kernel way),
-with the three DoPE denoisings (Xiong et al., "DoPE: Denoising Rotary Position Embedding", arXiv 2511.09146) inside
-the kernel, so a DoPE forward costs what a plain one costs.
+An optional fused RoPE: one Triton program rotates queries and keys together (the Liger-Kernel way), with the three
+DoPE denoisings (Xiong et al., "DoPE: Denoising Rotary Position Embedding", arXiv 2511.09146) inside the kernel, so a
+DoPE forward costs about what a plain one costs. model.py chooses it (model.use_kernel); this file imports nothing
+from model.py and has no eager fallback of its own.
 
-What it computes is exactly model.rope_qk: RoPE (v1 Eq. 8-11, v2 Eq. 1-4) in the half-split layout,
+What it computes is model.py's eager rope_qk: RoPE (v1 Eq. 8-11, v2 Eq. 1-4) in the half-split layout,
     out[f]       = x[f] cos[f]             - x[f + d/2] sin[f]
     out[f + d/2] = x[f + d/2] cos[f + d/2] + x[f] sin[f + d/2]       (= x * cos + rotate_half(x) * sin)
 and, on the heads a DoPE plan selects (m_h = 0 in v1 Eq. 32-37 / v2 Eq. 13-17), a per-head mode:
@@ -11,8 +12,9 @@ and, on the heads a DoPE plan selects (m_h = 0 in v1 Eq. 32-37 / v2 Eq. 13-17), 
     v2 Eq. 13-15); 2 by-all: no rotation (v1 Eq. 35, v2 Eq. 16); 3 by-Gaussian: cos and sin replaced by N(0, sigma^2)
     draws (v1 Eq. 36-37, v2 Eq. 17), the same counter-based hash + Box-Muller as dope.gaussian, computed in the
     kernel from (seed, layer, head, position, dim) instead of read from a table.
-The ablations (plan.zero, gaussian_form "v1"/"v2") and any head_rope that is not a dope.HeadRope run in table mode:
-head_rope(cos, sin, pos) builds per-head tables (H, T, d) and the same kernel reads them.
+A launch is compiled for one of: no plan, a plan of identity modes (by-parts, by-all), a by-Gaussian plan; only the
+last carries the draws' code. The ablations (plan.zero, gaussian_form "v1"/"v2") and any head_rope that is not a
+dope.HeadRope run in table mode: head_rope(cos, sin, pos) builds per-head tables (H, T, d) and the kernel reads them.
 
 Why fuse (memory traffic): RoPE does 3 flops per element, under 1 flop per byte moved in bf16, so it is bound by
 memory bandwidth, not arithmetic. Eager `x * cos + rotate_half(x) * sin` is 5 elementwise kernels (x*cos, the negated
@@ -20,8 +22,9 @@ half, the cat, *sin, +; plus casting the tables), which together read ~5.5 and w
 DoPE, eager also builds and reads per-head cos/sin tables (H, T, d) in float32, each twice the size of a bf16 q, and
 copies the keys per query head. The fused kernel reads q and k once and writes them once (the keys once per query
 head under DoPE, as the eager path returns them), plus the (T, d) tables that all heads share: ~5x less traffic for
-plain RoPE, more for DoPE. bench_rope.py measures it on a GPU against the device's peak bandwidth, the physical limit
-for this kernel.
+plain RoPE, more for DoPE. bench_rope.py models these bytes per launch (launch_bytes), prints the time they imply at
+an H100's and an A100's published bandwidth, and on a GPU measures the kernel against the device's peak bandwidth,
+the physical limit for this kernel.
 
 Tables or on the fly (rope_qk vs rope_qk_from_freqs; every scaling in model.py is an inv_freq and a scale, so both
 cover them): both are bound by the q/k traffic. Reading the float32 tables adds T * d * 8 bytes per launch (both
@@ -36,16 +39,26 @@ trades the 5% of extra bytes for arithmetic the memory stalls hide. In a model t
 tables are built once per forward and shared by all layers. This is reasoning, not a measurement (no GPU here):
 bench_rope.py times both; model.py passes tables, so rope_qk is the path it uses.
 
+Registers and spills: a program holds a (BLOCK_T, BLOCK_F) tile of each tensor it works on, so the tile sets the
+registers a thread needs. On a GPU the launch picks one tile per kind of launch (TILE, whatever T is), chosen so that
+no launch spills to local memory or needs more than 128 registers per thread. `python kernels.py --resources`
+compiles every launch the code can pick (9 kinds x fp32/fp16/bf16 x d = 64, 128; the group size is a runtime
+argument) ahead of time for sm_80 and sm_90 with triton's ptxas, no GPU needed, and reads registers and stack from
+the cubins with cuobjdump: 46-96 registers, 0 bytes of stack; tests/test_kernels.py asserts both bounds. Those are
+compiler facts; how fast each tile runs is not measured here (no GPU).
+
 Precision: the kernel loads q, k (fp32/fp16/bf16) and the float32 tables, computes in float32 and rounds once on the
 store. The eager path casts cos/sin to x.dtype first and rounds after each of its ops, so in fp16/bf16 the two differ
 by a few units in the last place of the dtype (tests: atol 1e-2 fp16, 1e-1 bf16, Liger's; the kernel is the more
-accurate one, within half an ulp of the exact result). In fp32, table mode does eager's operations in eager's order
-with FMA contraction off, so the results agree bit for bit (checked under the interpreter); from frequencies, sin/cos
-implementations may differ in the last bit. The Gaussian draws are computed in float32 (dope.gaussian uses float64,
-then rounds): within 3 float32 ulps.
+accurate one, within half an ulp of the exact result). In fp32 with tables the kernel does eager's operations in
+eager's order with FMA contraction off, so plain RoPE, by-parts and by-all in the kernel, and table mode equal eager
+bit for bit: tested under the interpreter (numpy float32), with the interpreter's tile and with the GPU's; on a GPU
+it should hold as well (IEEE float32 multiplies and adds, no FMA) but has not been run. From frequencies, sin/cos
+implementations may differ in the last bit (tested within 1e-5). The Gaussian draws are computed in float32
+(dope.gaussian uses float64, then rounds): within 3 float32 ulps (tested).
 
-Forward only (inference): when autograd needs gradients, rope_qk falls back to the eager math. Without triton this
-file still imports and available() is False; model.py then uses its eager rope_qk, the same math.
+Forward only (inference): rope_qk refuses inputs that need gradients; model.use_kernel says no to them and model.py
+runs its eager rope_qk, the same math. Without triton this file still imports and available() is False.
 """
 
 import os
@@ -100,7 +113,8 @@ if triton is not None:
     @triton.jit
     def _sin_cos_small(a):
         """(sin a, cos a) for |a| <= pi/4 in float32: Cephes' sinf/cosf polynomials, within 1 ulp of the exact values
-        of every argument _cos_2pi passes (checked exhaustively in numpy without FMA, as the kernel compiles them).
+        (tests/test_kernels.py checks 2^18 of the 2^29 arguments _cos_2pi passes, ends included; all of them were
+        checked once in numpy without FMA, as the kernel compiles them: at most 0.81 ulp for sin, 0.99 for cos).
         tl.sin/tl.cos would carry libdevice's reduction for large angles, registers these small angles never need."""
         z = a * a
         s = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * a + a
@@ -351,10 +365,12 @@ def _rope(q, k, pos, head_rope, cos=None, sin=None, inv_freq=None, scale=1.0, bl
 
 
 # Elements of the (BLOCK_T, BLOCK_F) tile one program holds per tensor on a GPU, by kind of launch, with 4 warps
-# (128 threads): plain RoPE 8 per thread, the DoPE modes and per-head tables 4, by-Gaussian 2 (its draws are ~100
-# instructions each, with their temporaries live). Chosen so that every launch compiles without spilling and under 128
-# registers per thread for sm_80 and sm_90 (`python kernels.py --resources` prints the table; tests/test_kernels.py
-# asserts it). One tile per kind whatever T is: short prompts mask rows, and there is one compiled variant to check.
+# (128 threads): plain RoPE 8 per thread, the DoPE modes and per-head tables 4, by-Gaussian 2 (four draws per element,
+# each a chain of hashes, a log, a sqrt and a polynomial). Chosen so that every launch compiles without spilling and
+# under 128 registers per thread for sm_80 and sm_90, with room to spare (`python kernels.py --resources` prints the
+# table; tests/test_kernels.py asserts it). At twice these tiles (d = 128) plain RoPE from frequencies spills 32 B on
+# sm_80, expanded keys need up to 168 registers, and by-parts/by-all and by-Gaussian from tables reach 107-128.
+# One tile per kind whatever T is: short prompts mask rows, and there is one compiled variant to check.
 TILE = {"plain": 1024, "dope": 512, "per_head": 512, "gaussian": 256}
 NUM_WARPS = 4
 

@@ -1,5 +1,6 @@
 """kernels.py: the fused Triton RoPE against model.rope_qk, the eager reference (Liger-Kernel's test matrix: odd shapes,
-GQA, per-dtype tolerances), every DoPE plan, and a whole tiny model with the kernel on and off.
+GQA, per-dtype tolerances), every DoPE plan, and a whole tiny model with the kernel on and off; then what a GPU
+compiler makes of it: every launch compiled ahead of time for sm_80 and sm_90, no spills, at most 128 registers.
 
 On a machine without CUDA the kernel runs in Triton's interpreter (numpy, slow: shapes stay small). Triton reads
 TRITON_INTERPRET when @triton.jit runs, i.e. when kernels.py is imported, not when triton is imported; so it is set
@@ -25,6 +26,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed: kernels.py is optional (pip install triton)")
+import triton.language as tl  # noqa: E402
 
 import dope  # noqa: E402
 import kernels  # noqa: E402
@@ -290,6 +292,28 @@ def test_gaussian_draws_match_dope_within_float32_ulps(start):
         assert ulps.max() <= 3, f"stream {stream}: {ulps.max():.1f} ulps"
 
 
+@triton.jit
+def _sin_cos_probe(a_ptr, s_ptr, c_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    s, c = kernels._sin_cos_small(tl.load(a_ptr + i, mask=i < N, other=0.0))
+    tl.store(s_ptr + i, s, mask=i < N)
+    tl.store(c_ptr + i, c, mask=i < N)
+
+
+def test_small_angle_sin_cos_within_one_ulp():
+    """The polynomials behind the Gaussian draws' cos(2 pi u): sin and cos of the reduced angle a = (w + 0.5) pi/4 /
+    2^29, w < 2^29, within 1 float32 ulp of the exact values of the float32 a (2^18 values of w, both ends)."""
+    ends = torch.arange(2048)
+    w = torch.cat((ends, torch.linspace(0, 2**29 - 1, 2**18 - 4096).long(), 2**29 - 1 - ends))
+    a = (w.to(torch.float32) + 0.5) * 1.4629180792671596e-09
+    a = a.to(DEVICE)
+    s, c = torch.empty_like(a), torch.empty_like(a)
+    _sin_cos_probe[(triton.cdiv(a.numel(), 4096),)](a, s, c, a.numel(), BLOCK=4096)
+    for got, ref in ((s, torch.sin(a.double())), (c, torch.cos(a.double()))):
+        ulp = torch.finfo(torch.float32).eps * 2.0 ** torch.floor(torch.log2(ref.abs()))  # spacing of floats at ref
+        assert ((got.double() - ref).abs() / ulp).max() <= 1.0
+
+
 # -----------------------------------------------------------------------------
 # The whole model with the kernel on and off
 
@@ -331,7 +355,7 @@ def test_model_with_kernel_equals_without(tiny, plan, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# Packaging: the CPU path never needs triton; the GPU path compiles
+# Packaging: the CPU path never needs triton; the GPU path compiles without spilling
 
 
 def run_python(code, **env):
