@@ -3,12 +3,15 @@ Eager RoPE (model.rope_qk) against the fused Triton kernel (kernels.py), on a GP
 8 KV heads, d = 128 (LLaMA-3-8B's attention), T = 4K .. 64K, bf16 and fp16, plain RoPE and a DoPE plan on a few heads.
 
 RoPE is memory bound: the least it can do is read q and k and write them back once (plus the cos/sin tables if it
-reads them), so the device's peak DRAM bandwidth is its physical limit. Each row reports the median time of several
-runs (CUDA events, L2 flushed before each), the speedup over eager, and the achieved bandwidth: those minimal bytes
-divided by the time, against the peak (queried from the driver; --peak-gbps overrides). Eager moves several times
-these bytes (see kernels.py); its "GB/s" column counts the same minimal bytes, so it reads as an effective rate.
+reads them), so the device's peak DRAM bandwidth is its physical limit. launch_bytes() models those bytes for each
+fused launch, and the script first prints the time they imply at the published bandwidth of an H100 SXM (3.35 TB/s)
+and an A100 80GB SXM (2.04 TB/s): the floor a perfect kernel would reach there. On a GPU each row then reports the
+median time of several runs (CUDA events, L2 flushed before each), the speedup over eager, and the achieved
+bandwidth: the modelled bytes divided by the time, against the peak (queried from the driver; --peak-gbps overrides).
+Eager moves several times these bytes (see kernels.py); its "GB/s" column counts the table launch's bytes, so it
+reads as an effective rate.
 
-    python bench_rope.py                                  # GPU: the table below
+    python bench_rope.py                                  # the bytes model; on a GPU, the measurements beside it
     python bench_rope.py --plans none,parts,gaussian      # eager by-Gaussian draws on the CPU (dope.gaussian): slow
     TRITON_INTERPRET=1 python bench_rope.py --interpret-smoke   # CPU: one tiny shape through the same code
 """
@@ -25,6 +28,53 @@ NO_GPU = ("no CUDA device: the fused kernel's speed can only be measured on a GP
           "TRITON_INTERPRET=1 (python -m pytest tests/test_kernels.py)")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-1}  # tests/test_kernels.py's
+# published peak DRAM bandwidth, bytes per second (NVIDIA's datasheets: HBM3 on H100 SXM5, HBM2e on A100 80GB SXM4)
+PUBLISHED_BW = {"H100 SXM": 3.35e12, "A100 80GB SXM": 2.04e12}
+IN_KERNEL_PLANS = ("parts", "all", "gaussian")  # DoPE plans the kernel runs from a mode vector
+
+
+def launch_bytes(B, H, Hkv, T, d, elem, source="tables", plan="none", per_head_tables=False):
+    """Bytes one fused launch moves between DRAM and the chip, each byte once (the tables that all KV groups read
+    are assumed to come from DRAM once, the rest from L2): q read and written; k read once and written once per KV
+    head, or once per query head when keys are expanded (any DoPE plan); the float32 cos/sin tables (T, d) each,
+    or (H, T, d) in table mode, or the float32 inverse frequencies (d/2,); the int64 positions (T,); under an
+    in-kernel DoPE plan the int32 mode vector (H,) and int8 band mask (d/2,). elem: bytes per q/k element.
+    Returns dict(qk, tables, small, total)."""
+    expand = plan != "none"
+    row = B * T * d * elem  # one head's q or k
+    qk = 2 * H * row + Hkv * row + (H if expand else Hkv) * row
+    if source == "tables":
+        tables = 2 * (H if per_head_tables else 1) * T * d * 4
+    else:
+        assert not per_head_tables, "per-head tables are read, not computed"
+        tables = d // 2 * 4
+    small = T * 8 + ((H * 4 + d // 2) if plan in IN_KERNEL_PLANS else 0)
+    return dict(qk=qk, tables=tables, small=small, total=qk + tables + small)
+
+
+def model_rows(a):
+    """(dtype, T, plan, source, bytes, {gpu: implied ms}) for every row of the benchmark."""
+    for dn in a.dtypes.split(","):
+        for T in (int(t) for t in a.seq_lens.split(",")):
+            for plan in a.plans.split(","):
+                for source in ("tables", "freqs"):
+                    n = launch_bytes(a.batch, a.heads, a.kv_heads, T, a.head_dim, DTYPES[dn].itemsize, source,
+                                     plan)["total"]
+                    yield dn, T, plan, source, n, {g: n / bw * 1e3 for g, bw in PUBLISHED_BW.items()}
+
+
+def print_model(a):
+    print(f"bytes model of the fused launches: B={a.batch}, {a.heads} query / {a.kv_heads} KV heads, d={a.head_dim}; "
+          "q, k read once, written once (keys per query head under DoPE), tables or inverse frequencies, positions")
+    gpus = list(PUBLISHED_BW)
+    cols = (f"{'dtype':>5} {'T':>6} {'plan':>8} {'source':>6} | {'MB moved':>9} | "
+            + " | ".join(f"{g + ' ms':>16}" for g in gpus))
+    print(cols + "   (time at the published bandwidth: " + ", ".join(f"{g} {PUBLISHED_BW[g] / 1e12:.2f} TB/s"
+                                                             for g in gpus) + ")")
+    print("-" * len(cols))
+    for dn, T, plan, source, n, ms in model_rows(a):
+        implied = " | ".join(f"{ms[g]:>16.4f}" for g in gpus)
+        print(f"{dn:>5} {T:>6} {plan:>8} {source:>6} | {n / 1e6:>9.1f} | {implied}")
 
 
 def timer(fn, reps, warmup, cuda, flush):
@@ -80,10 +130,10 @@ def run_case(a, dtype, T, plan_name, device, flush):
         k_out = got_t[1].numel()
         del ref, got_t, got_f
         ms = [timer(fn, a.reps, a.warmup, cuda, flush) for fn in (eager, tab, frq)]
-    e = q.element_size()
-    qk_bytes = (q.numel() + k.numel() + q.numel() + k_out) * e  # read q, k; write q, k (per query head under DoPE)
-    table_bytes = cos.numel() * cos.element_size() * 2
-    return ms, qk_bytes, table_bytes, err
+    tab_bytes, freq_bytes = (launch_bytes(B, H, Hkv, T, d, q.element_size(), s, plan_name)["total"]
+                             for s in ("tables", "freqs"))
+    assert k_out == B * (H if plan_name != "none" else Hkv) * T * d, "the bytes model's key count"
+    return ms, tab_bytes, freq_bytes, err
 
 
 def main(argv=None):
@@ -114,10 +164,13 @@ def main(argv=None):
         a.dope_heads, a.dtypes, a.plans, a.native_len = "1", "fp32,bf16", "none,parts,all,gaussian", 32
         device = "cpu"
     elif not torch.cuda.is_available():
-        print(NO_GPU)
+        print_model(a)
+        print(f"\nno GPU measurement: {NO_GPU}")
         return 0
     else:
         device = "cuda"
+        print_model(a)
+        print()
 
     import kernels
 
@@ -140,8 +193,11 @@ def main(argv=None):
     print(f"{name}; B={a.batch}, {a.heads} query / {a.kv_heads} KV heads, d={a.head_dim}, DoPE heads {a.dope_heads}; "
           f"median of {a.reps} runs" + (f"; peak DRAM bandwidth {peak:.0f} GB/s" if peak else ""))
     print("the physical limit: RoPE must read and write q and k once, so time >= those bytes / peak bandwidth")
-    print("bytes = read q, k + write q, k (keys per query head under DoPE) + the float32 cos/sin tables (tab only)")
-    cols = (f"{'dtype':>5} {'T':>6} {'plan':>8} | {'eager ms':>9} {'tab ms':>8} {'freq ms':>8} | {'x tab':>6} "
+    print("bytes: launch_bytes() above; eager's GB/s counts the table launch's bytes; model ms: tab at the published "
+          "bandwidth")
+    gpus = list(PUBLISHED_BW)
+    cols = (f"{'dtype':>5} {'T':>6} {'plan':>8} | {'eager ms':>9} {'tab ms':>8} {'freq ms':>8} | "
+            + " ".join(f"{g.split()[0] + ' model':>11}" for g in gpus) + f" | {'x tab':>6} "
             f"{'x freq':>6} | {'eager GB/s':>10} {'tab GB/s':>9} {'freq GB/s':>9} | {'tab %pk':>7} {'freq %pk':>8} "
             f"| {'max err':>8}")
     print(cols)
@@ -152,17 +208,17 @@ def main(argv=None):
         for T in (int(t) for t in a.seq_lens.split(",")):
             for plan_name in a.plans.split(","):
                 try:
-                    (me, mt, mf), qk_bytes, table_bytes, err = run_case(a, dtype, T, plan_name, device, flush)
+                    (me, mt, mf), tab_bytes, freq_bytes, err = run_case(a, dtype, T, plan_name, device, flush)
                 except torch.cuda.OutOfMemoryError:
                     print(f"{dn:>5} {T:>6} {plan_name:>8} | out of memory")
                     torch.cuda.empty_cache()
                     continue
-                gbps = [qk_bytes / ms / 1e6 for ms in (me, mt, mf)]  # bytes / ms / 1e6 = GB/s
-                gbps[1] += table_bytes / mt / 1e6
+                gbps = [n / ms / 1e6 for n, ms in ((tab_bytes, me), (tab_bytes, mt), (freq_bytes, mf))]  # GB/s
+                model = " ".join(f"{tab_bytes / PUBLISHED_BW[g] * 1e3:>11.4f}" for g in gpus)
                 pct = [f"{100 * g / peak:>6.0f}%" if peak else f"{'-':>7}" for g in gbps[1:]]
                 ok &= err <= TOL[dtype]
                 bw = [f"{g:.0f}" if g >= 100 else f"{g:.3g}" for g in gbps]
-                print(f"{dn:>5} {T:>6} {plan_name:>8} | {me:>9.3f} {mt:>8.3f} {mf:>8.3f} | {me / mt:>6.2f} "
+                print(f"{dn:>5} {T:>6} {plan_name:>8} | {me:>9.3f} {mt:>8.3f} {mf:>8.3f} | {model} | {me / mt:>6.2f} "
                       f"{me / mf:>6.2f} | {bw[0]:>10} {bw[1]:>9} {bw[2]:>9} | {pct[0]:>7} {pct[1]:>8} | {err:>8.1e}")
     if not ok:
         print("fused and eager results differ beyond the tests' tolerances", file=sys.stderr)

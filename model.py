@@ -200,8 +200,10 @@ kernels = None
 
 
 def use_kernel(x) -> bool:
+    """Whether the fused kernel rotates x: asked for, able to run here, and no gradients needed (it is forward
+    only). The model decides; kernels.py has no fallback of its own."""
     global kernels
-    if USE_KERNEL is False or (USE_KERNEL == "auto" and not x.is_cuda):
+    if USE_KERNEL is False or (USE_KERNEL == "auto" and not x.is_cuda) or (x.requires_grad and torch.is_grad_enabled()):
         return False
     if kernels is None:
         try:
