@@ -224,7 +224,7 @@ def test_gram_accumulator_allocates_on_the_first_q_or_a_given_device():
     acc(0, q, k, pos)
     assert all(S.device == META for S in acc.grams().values())
     with pytest.raises(ValueError, match="device"):  # data elsewhere than the Grams: said, not a cryptic op error
-        acc(0, q.cpu(), k.cpu(), pos.cpu())
+        acc(0, torch.zeros(1, 4, 5, 8), torch.zeros(1, 2, 5, 8), torch.arange(5))
 
 
 def test_apply_rope_half_allocates_on_the_inputs_device():
@@ -248,9 +248,9 @@ def test_generate_stays_on_the_device():
         def one_token():
             m.generate(meta_ids(3), max_new_tokens=2)
         copies = steady_copies(one_token)
-    # a prefill and one decode step (the last token is not fed back): the RoPE frequencies only, the new token
-    # comes from the device's argmax
-    assert copies == ROPE_FREQS * 2
+    # a prefill and a decode step per new token: the RoPE frequencies only; each new token is fed back from the
+    # device's argmax, not copied from the host
+    assert copies == ROPE_FREQS * 3
 
 
 def test_score_select_denoise_generate_pipeline():
