@@ -102,8 +102,9 @@ def main(argv=None):
               f"{med['scoring'] / med['plain']:>6.3f} | " +
               " | ".join(f"{med[v]:>15.{digits}f} {med[v] / med['plain']:>6.3f}" for v in VARIANTS), flush=True)
         print(f"{'':>7} peak MB: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in peaks.items()), flush=True)
-        rows.append({"tokens": T, "heads": heads, "median_s": med, "ratio": {k: v / med["plain"] for k, v in med.items()},
-                     "times_s": times, "peak_mb": {k: v / 2**20 for k, v in peaks.items()}})
+        rows.append({"tokens": T, "heads": heads, "median_s": med, "times_s": times,
+                     "ratio": {k: v / med["plain"] for k, v in med.items()},
+                     "peak_mb": {k: v / 2**20 for k, v in peaks.items()}})
         del model
     print(f"ratio = time / plain prefill time. DoPE heads (random, k = {a.k}): the cost does not depend on which.")
     where = "allocated on the GPU" if mem.device.type == "cuda" else \
