@@ -3,45 +3,65 @@ What DoPE costs: the head-scoring pass and a DoPE forward, each against a plain 
 
     python bench_dope.py                 # SmolLM2, 8K and 16K tokens, float32, one-pass prefill, median of 3
     python bench_dope.py --lens 4k --repeats 5 --dtype bfloat16 --chunk 2048
+    python bench_dope.py --device cuda --lens 64k   # on a GPU (the default where one is present): bfloat16
 
 Runs are interleaved (plain, scoring, DoPE variants, plain, ...) so that machine noise hits all of them alike; read
 the ratios. Targets (issue 3): scoring overhead <= 10% over a plain prefill, a DoPE prefill <= 3% over a plain one.
+Peak memory is measured per kind of run, where the data is: torch.cuda.max_memory_allocated on a GPU, the process's
+peak resident memory on the CPU (reset before each run where Linux allows it). Both include the weights.
 """
 
 import argparse
+import json
 import statistics
 import time
 
 import torch
 
 import entropy
+from bench_model import PeakMemory, default_device, default_dtype, device_name, synchronize
 from dope import DopePlan, apply_dope, remove_dope
 from eval_nih import parse_len
 from model import Transformer
 
+VARIANTS = ("parts", "all", "gaussian")
 
-def main():
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="an HF folder (default: SmolLM2 in weights/ next to this script, fetched if needed)")
     p.add_argument("--lens", default="8k,16k")
-    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"], help="as eval_nih (default float32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when a GPU is present, else cpu)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"],
+                   help="default: float32 on the CPU (as eval_nih), bfloat16 on a GPU")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk", type=int, default=0, help="prefill chunk; 0 = the whole prompt in one pass, as eval_nih")
     p.add_argument("--k", type=int, default=5, help="heads denoised in the DoPE runs")
-    a = p.parse_args()
+    p.add_argument("--json", help="also write the measurements to this JSON file")
+    a = p.parse_args(argv)
+    a.device = a.device or default_device()
+    a.dtype = a.dtype or default_dtype(a.device)
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     if a.model is None:  # the packaged default, resolved against the project (not the working directory)
         from setup_weights import ensure_weights
 
         a.model = str(ensure_weights("smollm2"))
-    print(f"{a.model}, {a.dtype}, chunk {a.chunk or 'one pass'}, {torch.get_num_threads()} threads, median of {a.repeats}")
+    mem = PeakMemory(a.device)
+    print(f"{a.model}, {a.dtype}, chunk {a.chunk or 'one pass'}, {device_name(a.device)}, median of {a.repeats}")
     print(f"{'tokens':>7} {'plain s':>8} | {'scoring s':>9} {'ratio':>6} | " +
-          " | ".join(f"{'DoPE-' + v + ' s':>15} {'ratio':>6}" for v in ("parts", "all", "gaussian")))
+          " | ".join(f"{'DoPE-' + v + ' s':>15} {'ratio':>6}" for v in VARIANTS))
+    rows = []
     for T in [parse_len(s) for s in a.lens.split(",")]:
         native = 8192
-        model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype),
+        model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=a.device,
                                             rope_scaling={"rope_type": "ntk", "factor": T / native} if T > native
                                             else None)
         ids = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(a.device)
         chunk = a.chunk or T
         g = torch.Generator().manual_seed(1)
         heads = sorted({(int(torch.randint(model.config.n_layer, (1,), generator=g)),
@@ -62,20 +82,38 @@ def main():
                     remove_dope(model)
             return f
 
-        runs = {"plain": plain, "scoring": scoring, **{v: dope(v) for v in ("parts", "all", "gaussian")}}
+        runs = {"plain": plain, "scoring": scoring, **{v: dope(v) for v in VARIANTS}}
         times = {name: [] for name in runs}
+        peaks = {name: 0 for name in runs}
         with torch.inference_mode():
             plain()  # warm-up
+            synchronize(a.device)
             for _ in range(a.repeats):
                 for name, f in runs.items():
+                    mem.reset()
                     t0 = time.perf_counter()
                     f()
+                    synchronize(a.device)
                     times[name].append(time.perf_counter() - t0)
+                    peaks[name] = max(peaks[name], mem.peak())
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{T:>7} {med['plain']:>8.1f} | {med['scoring']:>9.1f} {med['scoring'] / med['plain']:>6.3f} | " +
-              " | ".join(f"{med[v]:>15.1f} {med[v] / med['plain']:>6.3f}" for v in ("parts", "all", "gaussian")),
-              flush=True)
+        digits = 1 if med["plain"] >= 10 else 3
+        print(f"{T:>7} {med['plain']:>8.{digits}f} | {med['scoring']:>9.{digits}f} "
+              f"{med['scoring'] / med['plain']:>6.3f} | " +
+              " | ".join(f"{med[v]:>15.{digits}f} {med[v] / med['plain']:>6.3f}" for v in VARIANTS), flush=True)
+        print(f"{'':>7} peak MB: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in peaks.items()), flush=True)
+        rows.append({"tokens": T, "heads": heads, "median_s": med, "times_s": times,
+                     "ratio": {k: v / med["plain"] for k, v in med.items()},
+                     "peak_mb": {k: v / 2**20 for k, v in peaks.items()}})
+        del model
     print(f"ratio = time / plain prefill time. DoPE heads (random, k = {a.k}): the cost does not depend on which.")
+    where = "allocated on the GPU" if mem.device.type == "cuda" else \
+        "resident, of the process" + ("" if mem.per_run else " (since it started: this system cannot reset it)")
+    print(f"peak MB: memory {where} during each kind of run (the worst of its repeats), weights included")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "device": a.device, "device_name": device_name(a.device), "dtype": a.dtype,
+                       "chunk": a.chunk, "repeats": a.repeats, "k": a.k, "memory": where, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

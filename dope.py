@@ -156,6 +156,18 @@ class HeadRope:
 
     def __init__(self, plan: DopePlan, layer: int, heads: list, n_head: int):
         self.plan, self.layer, self.heads, self.n_head = plan, layer, heads, n_head
+        self._dims = (None, {})  # (plan.bands it was made from, {device: dim mask (d,)})
+
+    def dims(self, device):
+        """The by-parts dim mask (d,) on `device`: copied from plan.bands once per device, not in every call (on a
+        GPU a host-to-device copy waits for the stream: it would cost a sync per head, layer and forward)."""
+        bands, per_device = self._dims
+        if bands is not self.plan.bands:  # apply_dope or a user set new bands
+            bands, per_device = self.plan.bands, {}
+            self._dims = (bands, per_device)
+        if device not in per_device:
+            per_device[device] = band_dims(bands).to(device)
+        return per_device[device]
 
     def __call__(self, cos, sin, pos):
         T, d = cos.shape
@@ -164,7 +176,7 @@ class HeadRope:
         p = self.plan
         for h in self.heads:
             if p.variant == "parts":
-                cos[h], sin[h] = by_parts(cos[h], sin[h], band_dims(p.bands).to(cos.device), p.zero)
+                cos[h], sin[h] = by_parts(cos[h], sin[h], self.dims(cos.device), p.zero)
             elif p.variant == "all":
                 cos[h], sin[h] = by_all(cos[h], sin[h], p.zero)
             elif p.gaussian_form == "replace":

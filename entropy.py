@@ -185,7 +185,7 @@ def apply_rope_half(x, cos, sin):
     so float32 activations with float64 tables are rotated in float64 without a separate cast.
     """
     x1, x2 = x.chunk(2, dim=-1)  # (..., T, d/2) each
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype))  # (..., T, d)
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)  # (..., T, d)
     o1, o2 = out.chunk(2, dim=-1)
     torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
     torch.mul(x2, cos, out=o2).addcmul_(x1, sin)  # x2 cos + x1 sin
@@ -208,10 +208,13 @@ class GramAccumulator:
 
     gram_dtype is the dtype of the per-chunk rotation and matmul (the sum over chunks is float64 either way).
     float64 is the reference; float32 halves the cost at a relative error of about 1e-6 per chunk's Gram.
+
+    The Grams live where the data is: on `device`, or (device=None) on the device of the first q seen. The rotation
+    tables are built there too, so a GPU forward never waits on the host here.
     """
 
     def __init__(self, n_layer, n_head, n_kv_head, head_dim, inv_freq_used, inv_freq_orig, criteria=CRITERIA,
-                 preprocess="none", gram_dtype=torch.float64):
+                 preprocess="none", gram_dtype=torch.float64, device=None):
         criteria = tuple(criteria)
         unknown = [c for c in criteria if c not in CRITERIA]
         if unknown or not criteria:
@@ -228,19 +231,30 @@ class GramAccumulator:
         self.n_layer, self.n_head, self.n_kv_head, self.head_dim = n_layer, n_head, n_kv_head, head_dim
         self.criteria, self.preprocess, self.gram_dtype = criteria, preprocess, gram_dtype
         self.inv_freq = {"pre_ntk": None, "post_ntk": inv_freq_used.float(), "post_rope": inv_freq_orig.float()}
-        heads = {"query": n_head, "key": n_kv_head}
-        d = head_dim
-        self.S = {c: torch.zeros(n_layer, heads[c.split("/")[0]], d, d, dtype=torch.float64) for c in criteria}
-        # Row sums for UNComp's streamed centring.
-        self.s = {c: torch.zeros(n_layer, heads[c.split("/")[0]], d, dtype=torch.float64) for c in criteria} \
-            if preprocess == "uncomp" else None
+        self.S = self.s = self.device = None  # set by _allocate: on `device`, or on the first q's device
+        if device is not None:
+            self._allocate(torch.device(device))
         self.counts = [0] * n_layer  # tokens seen by each layer: all equal after a complete forward
         self._pos, self._tables = None, {}
 
+    def _allocate(self, device):
+        heads = {"query": self.n_head, "key": self.n_kv_head}
+        L, d = self.n_layer, self.head_dim
+        self.S = {c: torch.zeros(L, heads[c.split("/")[0]], d, d, dtype=torch.float64, device=device)
+                  for c in self.criteria}
+        self.device = self.S[self.criteria[0]].device  # "cuda" resolved to "cuda:0", as q.device reads
+        # Row sums for UNComp's streamed centring.
+        self.s = {c: torch.zeros(L, heads[c.split("/")[0]], d, dtype=torch.float64, device=device)
+                  for c in self.criteria} if self.preprocess == "uncomp" else None
+        # The frequencies (d/2,) move to the device once, not once per chunk.
+        self.inv_freq = {k: None if f is None else f.to(device) for k, f in self.inv_freq.items()}
+
     def _cos_sin(self, pos):
-        # Every layer of a chunk sees the same positions: build each table once per chunk.
-        if self._pos is None or self._pos.shape != pos.shape or not torch.equal(self._pos, pos):
-            self._pos = pos.clone()
+        # Every layer of a chunk sees the same positions tensor (model.py passes one per forward): build each table
+        # once per chunk. Keyed on the tensor object, not its values: comparing values would make a GPU wait for
+        # the host in every layer; a new tensor with equal values only costs a rebuild.
+        if pos is not self._pos:
+            self._pos = pos
             self._tables = {}
             for where in ("post_ntk", "post_rope"):
                 self._tables[where] = rope_half_tables(self.inv_freq[where], pos, self.gram_dtype)  # (T, d/2)
@@ -253,6 +267,11 @@ class GramAccumulator:
         assert (H, d) == (self.n_head, self.head_dim), f"q is {tuple(q.shape)}, expected (B, {self.n_head}, T, {d})"
         assert tuple(k.shape) == (B, self.n_kv_head, T, d), f"k is {tuple(k.shape)}, q is {tuple(q.shape)}"
         assert tuple(pos.shape) == (T,), f"pos must be (T,) = ({T},), got {tuple(pos.shape)}"
+        if self.S is None:
+            self._allocate(q.device)
+        if not q.device == k.device == pos.device == self.device:
+            raise ValueError(f"q on {q.device}, k on {k.device}, pos on {pos.device}: all must be on the Grams' "
+                             f"device, {self.device}")
         tables = None
         for kind, x in (("query", q), ("key", k)):
             wanted = [c for c in self.criteria if c.startswith(kind)]
@@ -281,8 +300,9 @@ class GramAccumulator:
         return self.counts[0]
 
     def grams(self):
-        """dict criterion -> (n_layer, n_head, d, d) float64 Grams. Key Grams are expanded over each GQA group:
-        query head h reads KV head h // (n_head // n_kv_head), so the heads of one group share a key score."""
+        """dict criterion -> (n_layer, n_head, d, d) float64 Grams, on the device they were accumulated on (score
+        them there: head_scores). Key Grams are expanded over each GQA group: query head h reads KV head
+        h // (n_head // n_kv_head), so the heads of one group share a key score."""
         if len(set(self.counts)) != 1 or self.counts[0] == 0:
             raise RuntimeError(f"tokens seen per layer are {self.counts}: the observer must be called in every "
                                "layer of a complete forward before grams()")
@@ -303,7 +323,7 @@ class GramAccumulator:
 # 3. Glue: one chunked prefill over a calibration prompt
 
 def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="none", progress=True,
-                gram_dtype=torch.float64):
+                gram_dtype=torch.float64, device=None):
     """Run one chunked prefill of `tokens` through `model` and return its Grams: dict criterion -> (L, H, d, d).
 
     Score them with head_scores(); for several calibration prompts call this once per prompt and combine the
@@ -314,10 +334,16 @@ def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="non
     model.rope_inv_freq(scaled=False) (original base); model.new_cache(batch=1, max_len=T); and
     model(tokens (1, t), cache=cache, observer=acc), which advances the cache and calls acc(layer, q, k, pos) in
     every layer with q and k before rotation.
+
+    The tokens are moved to `device` (default: the device of the model's parameters, if it has any), and the Grams
+    stay on the device the model computes on.
     """
     from tqdm.auto import tqdm
 
-    tokens = torch.as_tensor(tokens)
+    if device is None:
+        device = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        device = getattr(device, "device", None)
+    tokens = torch.as_tensor(tokens, device=device)
     if tokens.ndim == 1:
         tokens = tokens[None]  # (1, T)
     assert tokens.ndim == 2 and tokens.shape[0] == 1, f"tokens must be (T,) or (1, T), got {tuple(tokens.shape)}"

@@ -415,11 +415,12 @@ class Transformer(nn.Module):
             logits = self.prefill(idx, cache, chunk)
         out = []
         for _ in range(max_new_tokens):
-            tok = int(logits[0, -1].argmax())
+            nxt = logits[0, -1].argmax().view(1, 1)  # (1, 1) on the model's device: fed back without a host copy
+            tok = int(nxt)  # the one read by the host per step
             if tok in stop_tokens:
                 break
             out.append(tok)
-            logits = self(torch.tensor([[tok]], device=idx.device), cache=cache)
+            logits = self(nxt, cache=cache)
         return out
 
     @classmethod

@@ -1,0 +1,60 @@
+"""bench_model.py and bench_dope.py: device and dtype defaults, peak memory, and a tiny run on the CPU."""
+
+import json
+
+import pytest
+import torch
+
+import bench_dope
+import bench_model
+from tiny import hf_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_bench")
+    hf_tiny("llama", n_kv=2).save_pretrained(path)
+    return str(path)
+
+
+def test_device_and_dtype_defaults():
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert bench_model.default_device() == here
+    assert bench_dope.parse_args([]).device == bench_model.parse_args([]).device == here
+    cpu_d, cpu_m = bench_dope.parse_args(["--device", "cpu"]), bench_model.parse_args(["--device", "cpu"])
+    assert cpu_d.dtype == "float32" and cpu_m.dtypes == "float32,bfloat16"  # the CPU defaults, unchanged
+    gpu_d, gpu_m = bench_dope.parse_args(["--device", "cuda"]), bench_model.parse_args(["--device", "cuda"])
+    assert gpu_d.dtype == "bfloat16" and gpu_m.dtypes == "bfloat16"
+    assert bench_dope.parse_args(["--device", "cuda", "--dtype", "float32"]).dtype == "float32"
+
+
+def test_peak_memory_on_the_cpu():
+    mem = bench_model.PeakMemory("cpu")
+    mem.reset()
+    before = mem.peak()
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    grown = mem.peak() - before
+    del x
+    if mem.per_run:
+        assert grown >= 48 * 2**20
+        mem.reset()
+        assert mem.peak() < before + grown  # the reset forgot the freed tensor
+
+
+def test_bench_dope_runs_on_the_cpu(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "dope.json"
+    bench_dope.main(["--model", tiny_dir, "--lens", "256", "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["device"] == "cpu" and r["dtype"] == "float32" and len(r["rows"]) == 1
+    row = r["rows"][0]
+    kinds = {"plain", "scoring", "parts", "all", "gaussian"}
+    assert set(row["median_s"]) == kinds and set(row["peak_mb"]) == kinds
+    assert all(v > 0 for v in row["peak_mb"].values())
+    assert "peak MB" in capsys.readouterr().out
+
+
+def test_bench_model_measures_on_the_cpu(tiny_dir):
+    r = bench_model.measure("model.py", tiny_dir, 256, "float32", 1, None, "cpu")
+    assert r["seconds"] > 0 and r["peak_mb"] > 0
+    r = bench_model.measure("last-chunk", tiny_dir, 4096, "float32", 1, 2048, "cpu")
+    assert r["seconds"] > 0

@@ -1,0 +1,97 @@
+"""gpu_check.py on a CPU: it refuses to run without CUDA, lists what it would run, and its runner, report, parity step
+and estimates work (the steps themselves need a GPU: here they are replaced by small commands)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpu_check
+from gpu_check import ARCHS, Step, estimate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_refuses_without_cuda(tmp_path):
+    out = tmp_path / "report.json"
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}  # hides a GPU where there is one
+    r = subprocess.run([sys.executable, "gpu_check.py", "--out", str(out), "--work", str(tmp_path / "work")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no CUDA device" in r.stderr and "nothing was run" in r.stderr
+    assert not out.exists() and not (tmp_path / "work").exists()
+
+
+def test_dry_run_lists_every_step(capsys):
+    assert gpu_check.main(["--dry-run"]) == 0
+    text = capsys.readouterr().out
+    for s in gpu_check.steps():
+        assert s.name in text and " ".join(s.command) in text
+    assert "eval_nih.py --len 64k --variant parts --device cuda --out" in text  # the card's command
+    assert "tests/test_kernels.py" in text and "bench_rope.py" in text and "bench_dope.py --device cuda" in text
+
+
+def test_unknown_step_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--only", "kernel_tests,bogus"])
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_runner_writes_one_report(tmp_path, monkeypatch):
+    """ok, failing, timed-out and skipped steps, each recorded with its output and the numbers it wrote."""
+    monkeypatch.setattr(gpu_check, "cuda_ready", lambda: (True, "a pretend GPU"))
+    monkeypatch.setattr("setup_weights.ensure_weights", lambda name: None)
+    numbers = tmp_path / "numbers.json"
+    py = sys.executable
+    plan = [
+        Step("ok", "writes numbers", [py, "-c", f"import json; json.dump({{'x': 1}}, open({str(numbers)!r}, 'w')); "
+                                            "print('progress 1\\rprogress 2\\rdone')"], 30,
+             files={"numbers": str(numbers)}),
+        Step("fails", "exits 3", [py, "-c", "import sys; print('boom'); sys.exit(3)"], 30),
+        Step("slow", "sleeps past its limit", [py, "-c", "import time; print('start', flush=True); time.sleep(60)"], 2),
+        Step("extra", "optional, no time left", [py, "-c", "print('never')"], 30, optional=True),
+    ]
+    out = tmp_path / "report.json"
+    rc = gpu_check.main(["--out", str(out), "--work", str(tmp_path / "work"), "--budget", "50"], plan=plan)
+    assert rc == 1
+    r = json.loads(out.read_text())
+    s = {x["name"]: x for x in r["steps"]}
+    assert s["ok"]["ok"] and s["ok"]["data"] == {"numbers": {"x": 1}} and "done" in s["ok"]["output"]
+    assert "progress 1" not in s["ok"]["output"], "a progress bar keeps its last state only"
+    assert not s["fails"]["ok"] and s["fails"]["rc"] == 3 and "boom" in s["fails"]["output"]
+    assert s["slow"]["timed_out"] and not s["slow"]["ok"] and s["slow"]["seconds"] < 30
+    assert "start" in s["slow"]["output"]
+    assert "skipped" in s["extra"]
+    assert r["all_ok"] is False and r["gpu"] == "a pretend GPU" and "torch" in r["environment"]
+    assert set(r["estimates"]) == set(ARCHS)
+
+
+def test_parity_step_on_the_cpu():
+    """The parity step's plumbing, with the CPU standing in for the GPU: everything must agree exactly."""
+    r = gpu_check.parity("cpu", T=64, new_tokens=2, k=3, draws=64)
+    assert r["gaussian_equal_fraction"] == 1.0 and r["gaussian_max_abs_diff"] == 0.0
+    assert r["logits_max_abs_diff_eager"] == 0.0 and r["head_scores_max_abs_diff"] == 0.0
+    assert r["same_heads"] and len(r["heads_cpu"]) == 3 and not r["kernel_used"]
+    assert r["generate_parts_same"] and r["generate_gaussian_same"] and len(r["generate_parts_cpu"]) <= 2
+
+
+def test_estimates_count_the_parameters():
+    """The estimate's parameter count: SmolLM2's from model.py (built on meta, no weights), LLaMA-3-8B's published
+    8,030,261,248; both differ only by the RMSNorm weights the estimate leaves out."""
+    from model import Config, Transformer
+
+    cfg = Config(vocab_size=49152, n_embd=576, n_hidden=1536, n_layer=30, n_head=9, n_kv_head=3, head_dim=64)
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    smol = estimate(ARCHS["SmolLM2-135M"], 65536)
+    assert smol["params_total"] == pytest.approx(sum(p.numel() for p in m.parameters()), rel=1e-3)
+    llama = estimate(ARCHS["LLaMA-3-8B"], 65536)
+    assert llama["params_total"] == pytest.approx(8_030_261_248, rel=1e-4)
+    # the README's arithmetic
+    assert smol["prefill_flops"] == pytest.approx(1.62e14, rel=0.01)
+    assert llama["prefill_flops"] == pytest.approx(2.04e15, rel=0.01)
+    assert llama["kv_cache_bytes"] == 2 * 32 * 8 * 128 * 65536 * 2
