@@ -1,5 +1,5 @@
 """
-Eager RoPE (model.rope_qk) against the fused Triton kernel (kernels.py), on a GPU, at long context: B = 1, 32 query /
+Eager RoPE (model.rope_qk), torch.compile of it, and the fused Triton kernel (kernels.py), on a GPU, at long context: B = 1, 32 query /
 8 KV heads, d = 128 (LLaMA-3-8B's attention), T = 4K .. 64K, bf16 and fp16, plain RoPE and a DoPE plan on a few heads.
 
 RoPE is memory bound: the least it can do is read q and k and write them back once (plus the cos/sin tables if it
@@ -108,8 +108,22 @@ def head_rope_for(plan_name, heads, n_head, inv_freq, native_len):
     return dope.HeadRope(plan, 0, list(heads), n_head)
 
 
+def compiled(fn, reps, warmup, cuda, flush, ref):
+    """torch.compile of the eager path (Inductor fuses the elementwise ops, the fair baseline for a hand-written
+    kernel): its time in ms and max error, or (nan, nan) where it does not compile (the reason on stderr)."""
+    try:
+        c = torch.compile(fn, dynamic=False)
+        err = max((x.float() - y.float()).abs().max().item() for x, y in zip(c(), ref))
+        return timer(c, reps, warmup, cuda, flush), err
+    except Exception as e:  # noqa: BLE001 (no compiler toolchain, a graph break Inductor cannot take, ...)
+        print(f"(torch.compile of the eager path failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})",
+              file=sys.stderr)
+        return float("nan"), float("nan")
+
+
 def run_case(a, dtype, T, plan_name, device, flush):
-    """One row: times (ms) of eager, fused with tables, fused from frequencies; bytes; max errors."""
+    """One row: times (ms) of eager, fused with tables, fused from frequencies, torch.compile of eager; bytes; max
+    errors."""
     import kernels
     import model
 
@@ -128,8 +142,10 @@ def run_case(a, dtype, T, plan_name, device, flush):
         ref, got_t, got_f = eager(), tab(), frq()
         err = max((x.float() - y.float()).abs().max().item() for g in (got_t, got_f) for x, y in zip(g, ref))
         k_out = got_t[1].numel()
-        del ref, got_t, got_f
+        del got_t, got_f
         ms = [timer(fn, a.reps, a.warmup, cuda, flush) for fn in (eager, tab, frq)]
+        ms.append(compiled(eager, a.reps, a.warmup, cuda, flush, ref)[0] if a.compile else float("nan"))
+        del ref
     tab_bytes, freq_bytes = (launch_bytes(B, H, Hkv, T, d, q.element_size(), s, plan_name)["total"]
                              for s in ("tables", "freqs"))
     assert k_out == B * (H if plan_name != "none" else Hkv) * T * d, "the bytes model's key count"
@@ -153,6 +169,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-gbps", type=float, default=None, help="peak DRAM bandwidth (default: asked of the driver)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the torch.compile column (compiling each shape takes seconds)")
     p.add_argument("--interpret-smoke", action="store_true",
                    help="run one tiny shape on CPU under TRITON_INTERPRET=1 (checks the script, not the speed)")
     a = p.parse_args(argv)
@@ -162,6 +180,7 @@ def main(argv=None):
         os.environ.setdefault("TRITON_INTERPRET", "1")
         a.seq_lens, a.batch, a.heads, a.kv_heads, a.head_dim, a.reps, a.warmup = "37", 1, 4, 2, 64, 1, 0
         a.dope_heads, a.dtypes, a.plans, a.native_len = "1", "fp32,bf16", "none,parts,all,gaussian", 32
+        a.compile = False
         device = "cpu"
     elif not torch.cuda.is_available():
         print_model(a)
@@ -194,11 +213,11 @@ def main(argv=None):
           f"median of {a.reps} runs" + (f"; peak DRAM bandwidth {peak:.0f} GB/s" if peak else ""))
     print("the physical limit: RoPE must read and write q and k once, so time >= those bytes / peak bandwidth")
     print("bytes: launch_bytes() above; eager's GB/s counts the table launch's bytes; model ms: tab at the published "
-          "bandwidth")
+          "bandwidth; compile: torch.compile of the eager path; x: eager time / that time")
     gpus = list(PUBLISHED_BW)
-    cols = (f"{'dtype':>5} {'T':>6} {'plan':>8} | {'eager ms':>9} {'tab ms':>8} {'freq ms':>8} | "
+    cols = (f"{'dtype':>5} {'T':>6} {'plan':>8} | {'eager ms':>9} {'tab ms':>8} {'freq ms':>8} {'compile ms':>10} | "
             + " ".join(f"{g.split()[0] + ' model':>11}" for g in gpus) + f" | {'x tab':>6} "
-            f"{'x freq':>6} | {'eager GB/s':>10} {'tab GB/s':>9} {'freq GB/s':>9} | {'tab %pk':>7} {'freq %pk':>8} "
+            f"{'x freq':>6} {'x compile':>9} | {'eager GB/s':>10} {'tab GB/s':>9} {'freq GB/s':>9} | {'tab %pk':>7} {'freq %pk':>8} "
             f"| {'max err':>8}")
     print(cols)
     print("-" * len(cols))
@@ -208,7 +227,7 @@ def main(argv=None):
         for T in (int(t) for t in a.seq_lens.split(",")):
             for plan_name in a.plans.split(","):
                 try:
-                    (me, mt, mf), tab_bytes, freq_bytes, err = run_case(a, dtype, T, plan_name, device, flush)
+                    (me, mt, mf, mc), tab_bytes, freq_bytes, err = run_case(a, dtype, T, plan_name, device, flush)
                 except torch.cuda.OutOfMemoryError:
                     print(f"{dn:>5} {T:>6} {plan_name:>8} | out of memory")
                     torch.cuda.empty_cache()
@@ -218,8 +237,8 @@ def main(argv=None):
                 pct = [f"{100 * g / peak:>6.0f}%" if peak else f"{'-':>7}" for g in gbps[1:]]
                 ok &= err <= TOL[dtype]
                 bw = [f"{g:.0f}" if g >= 100 else f"{g:.3g}" for g in gbps]
-                print(f"{dn:>5} {T:>6} {plan_name:>8} | {me:>9.3f} {mt:>8.3f} {mf:>8.3f} | {model} | {me / mt:>6.2f} "
-                      f"{me / mf:>6.2f} | {bw[0]:>10} {bw[1]:>9} {bw[2]:>9} | {pct[0]:>7} {pct[1]:>8} | {err:>8.1e}")
+                print(f"{dn:>5} {T:>6} {plan_name:>8} | {me:>9.3f} {mt:>8.3f} {mf:>8.3f} {mc:>10.3f} | {model} | "
+                      f"{me / mt:>6.2f} {me / mf:>6.2f} {me / mc:>9.2f} | {bw[0]:>10} {bw[1]:>9} {bw[2]:>9} | {pct[0]:>7} {pct[1]:>8} | {err:>8.1e}")
     if not ok:
         print("fused and eager results differ beyond the tests' tolerances", file=sys.stderr)
         return 1

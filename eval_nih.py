@@ -533,30 +533,73 @@ def cell_id(ident: dict, length, noisy, depth, trial, m: Method) -> str:
 
 
 def run(args):
-    out = Path(args.out)
-    model_path = Path(args.model)
-    if not (model_path / "config.json").is_file():
-        raise SystemExit(f"error: --model {model_path}: no config.json there (see weights.md)")
+    """Every (length, noise) setting of args; the records of all of them (and summary.md in --out)."""
+    model_path, out = Path(args.model), Path(args.out)
+    cfg = check_inputs(args)
     tok = Tokenizer(model_path)
     haystack = read_haystack(args.haystack_file)
     model_fp = model_id(model_path)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    done = load_done(results)
-    all_rows = []
-    for length in args.len:
-        model, factor = load_model(model_path, length, args)
-        cfg = model.config
-        builder = PromptBuilder(tok, haystack, cfg.bos_token_id, args.needle, args.question, args.answer_prefix)
-        stop = stop_tokens(tok, cfg)
-        ident = identity(args, model_fp, haystack, factor)
-        print(f"== {model_path.name} at {length} tokens ({length / cfg.max_pos:.2f}x native {cfg.max_pos}), "
-              f"{describe_rope(cfg, factor)}, on {args.device} in {args.dtype}")
-        for noisy in args.noisy:
-            all_rows += run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, out, results, done)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        results = out / "results.jsonl"
+        done = load_done(results)
+        all_rows = []
+        for length in args.len:
+            model, factor = load_model(model_path, length, args)
+            builder = PromptBuilder(tok, haystack, model.config.bos_token_id, args.needle, args.question,
+                                    args.answer_prefix)
+            stop = stop_tokens(tok, model.config)
+            ident = identity(args, model_fp, haystack, factor)
+            print(f"== {model_path.name} at {length} tokens ({length / cfg['max_pos']:.2f}x native {cfg['max_pos']}), "
+                  f"{describe_rope(model.config, factor)}, on {args.device} in {args.dtype}")
+            for noisy in args.noisy:
+                all_rows += run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, out, results,
+                                        done)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed run leaves nothing behind that was not there
+        raise
     if all_rows and not args.report_heads:
         report.summarize(all_rows, out)
     return all_rows
+
+
+def usage_error(msg: str):
+    print(f"eval_nih.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_inputs(args) -> dict:
+    """What can be checked before any model work, against the model's config: the folder, the flags that count
+    heads or ranks, the output folder. Usage errors exit with code 2, naming the flag or file."""
+    from model import Config, read_json
+
+    path = Path(args.model)
+    if not (path / "config.json").is_file():
+        usage_error(f"--model {path}: no config.json there (see weights.md for how to get weights)")
+    try:
+        c = Config.from_hf(read_json(path / "config.json"))
+    except (ValueError, KeyError, TypeError) as e:
+        usage_error(f"--model {path}: {path / 'config.json'} is not a usable model config ({e})")
+    heads = c.n_layer * c.n_head
+    for flag, values, hi, what in (("--k", [args.k], heads, f"{c.n_layer} layers x {c.n_head} heads"),
+                                   ("--sweep-k", args.sweep_k if args.sweep else [], heads, "heads in the model"),
+                                   ("--r", [args.r], c.head_dim, f"head width d = {c.head_dim}"),
+                                   ("--sweep-r", args.sweep_r if args.sweep else [], c.head_dim, "the head width")):
+        bad = [v for v in values if v is not None and not 1 <= v <= hi]
+        if bad:
+            usage_error(f"{flag} {bad[0]}: must be between 1 and {hi} ({what})")
+    k = max([rule_for(v, args, n)["k"] for v in args.variant[1:] for n in args.noisy] or [0])
+    if args.random_sets and len(args.variant) > 1 and 2 * k > heads - 1:
+        usage_error(f"--random-sets with k = {k}: too few heads outside the rules' ({heads} in the model)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        usage_error(f"--out {out} is a file, not a folder")
+    probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        usage_error(f"--out {out}: {probe} is not writable")
+    return dict(max_pos=c.max_pos)
 
 
 def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, out, results, done) -> list:
@@ -629,8 +672,9 @@ def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, o
 
 def load_model(path: Path, length: int, args):
     """The model with the RoPE scaling of this length: --ntk auto is the paper's static Dynamic NTK to the length."""
-    cfg = json.loads((path / "config.json").read_text())
-    native = cfg.get("max_position_embeddings", 2048)
+    from model import read_json
+
+    native = read_json(path / "config.json").get("max_position_embeddings", 2048)
     factor = None
     if args.ntk == "auto":
         factor = length / native if length > native else None
@@ -660,13 +704,13 @@ def read_haystack(path) -> str:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SystemExit(f"error: --haystack-file {path}: no such file") from None
+        usage_error(f"--haystack-file {path}: no such file")
     except IsADirectoryError:
-        raise SystemExit(f"error: --haystack-file {path} is a folder, not a text file") from None
+        usage_error(f"--haystack-file {path} is a folder, not a text file")
     except UnicodeDecodeError as e:
-        raise SystemExit(f"error: --haystack-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        usage_error(f"--haystack-file {path} is not UTF-8 text ({e.reason} at byte {e.start})")
     if not text.strip():
-        raise SystemExit(f"error: --haystack-file {path} is empty")
+        usage_error(f"--haystack-file {path} is empty")
     return text
 
 
@@ -877,15 +921,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """The command line: parse, then summarize or run; returns the records."""
     args = parse_args(argv)
     if args.summarize:
-        report.summarize_dirs(args.summarize, Path(args.out))
-        return
+        return report.summarize_dirs(args.summarize, Path(args.out))
     if Path(args.model).resolve() == DEFAULT_MODEL:
         from setup_weights import ensure_weights
 
         ensure_weights("smollm2", out=DEFAULT_MODEL.parent)
-    run(args)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -514,6 +514,8 @@ def check_token_ids(idx, vocab_size: int) -> None:
         raise ValueError(f"empty prompt: token ids of shape {tuple(idx.shape)} hold no token")
     if idx.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"token ids must be torch.int64 or torch.int32, got {idx.dtype}")
+    if idx.is_meta:  # shapes only (the device tests): no values to check
+        return
     lo, hi = torch.stack(torch.aminmax(idx)).tolist()
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
