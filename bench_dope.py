@@ -6,9 +6,10 @@ What DoPE costs: the head-scoring pass and a DoPE forward, each against a plain 
     python bench_dope.py --device cuda --lens 64k   # on a GPU (the default where one is present): bfloat16
 
 Runs are interleaved (plain, scoring, DoPE variants, plain, ...) so that machine noise hits all of them alike; read
-the ratios. Targets (issue 3): scoring overhead <= 10% over a plain prefill, a DoPE prefill <= 3% over a plain one.
-Peak memory is measured per kind of run, where the data is: torch.cuda.max_memory_allocated on a GPU, the process's
-peak resident memory on the CPU (reset before each run where Linux allows it). Both include the weights.
+the ratios. Targets set for this project: scoring overhead <= 10% over a plain prefill, a DoPE prefill <= 3% over a
+plain one. Peak memory is measured per kind of run, where the data is: torch.cuda.max_memory_allocated on a GPU,
+the process's peak resident memory on the CPU (reset before each run where Linux allows it). Both include the
+weights.
 """
 
 import argparse

@@ -4,7 +4,7 @@ arXiv 2511.09146), as transformations of per-head cos/sin tables.
 
 Attention applies RoPE as x * cos + rotate_half(x) * sin (half-split layout: band f rotates dims f and f + d/2).
 A head selected by entropy.py (m_h = 0 in v1 Eq. 32-37 / v2 Eq. 13-17) gets different tables; every other head keeps
-the (NTK-scaled) RoPE. Following the paper's prose and v2 Figure 1 (see shared/DOPE_METHOD.md section 4), "remove the
+the (NTK-scaled) RoPE. Following the paper's prose and v2 Figure 1 (see docs/METHOD.md, sections 4 and 6), "remove the
 positional encoding" means the identity rotation (cos = 1, sin = 0), which keeps the q/k content:
 
 - by-parts (v1 Eq. 32-34, v2 Eq. 13-15): no rotation on the low-frequency bands, theta_f <= 2 pi / L_native.
@@ -86,7 +86,7 @@ def gaussian(seed: int, layer: int, head: int, stream: int, pos: torch.Tensor, d
 class DopePlan:
     """What to denoise. heads: (layer, query head) pairs, e.g. from entropy.select_heads.
 
-    Options (all documented ablations; defaults follow shared/DOPE_METHOD.md):
+    Options (all documented ablations; defaults follow docs/METHOD.md, sections 4 and 6):
       zero: by-parts / by-all zero the q/k dims instead of leaving them unrotated.
       gaussian_form: "replace" (default: cos, sin := eps_c, eps_s), "v2" (multiplicative, q' = eps * R q, v2 Eq. 17),
                      "v1" (additive replacement, q' = eps, k' = eps', v1 Eq. 36-37: the head's content is dropped).

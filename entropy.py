@@ -25,7 +25,7 @@ from numbers import Integral
 
 import torch
 
-# The six places where X is read (DOPE_METHOD.md Sec. 2): queries or keys, before rotation, rotated with the
+# The six places where X is read (docs/METHOD.md, section 2): queries or keys, before rotation, rotated with the
 # NTK-scaled base the model actually uses, or rotated with the model's original base.
 CRITERIA = (
     "query/pre_ntk", "query/post_ntk", "query/post_rope",
@@ -145,7 +145,7 @@ def spectrum_scores(p, metric="trunc", r=1):
 
 
 def mean_scores(scores):
-    """Average per-prompt scores over several calibration prompts (DOPE_METHOD.md Sec. 2).
+    """Average per-prompt scores over several calibration prompts (docs/METHOD.md, section 2).
 
     Scores are averaged, not Grams: each prompt's spectrum is normalised by its own trace, so a longer or louder
     prompt does not outweigh the others, and the entropy of a summed Gram is not the mean of the entropies.
