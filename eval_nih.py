@@ -329,7 +329,7 @@ def methods_for(sel: Selector, args, n_layer: int, n_head: int, length: int, noi
     for v in args.variant[1:]:
         base = rule_for(v, args, noisy)
         for order in (args.order or {}).get(v, [base["order"]]):
-            rule = dict(base, order=order)
+            rule = dict(base, metric="spectral", r=1, order="asc") if order == "flat" else dict(base, order=order)
             methods.append(Method(f"{v}/{order}", v, "rule", rule, sel.heads(rule)))
     if args.sweep:
         seen = {m.name for m in methods}
@@ -847,9 +847,10 @@ def parse_args(argv=None):
     p.add_argument("--criterion", choices=entropy.CRITERIA, help="where the Grams are taken")
     p.add_argument("--metric", choices=entropy.METRICS, help="head score")
     p.add_argument("--order", type=lambda s: s.split(","),
-                   help="asc (the lowest scores lose their position), desc (the highest), or asc,desc: both readings "
-                        "as separate rules; VARIANT:ORDER for one variant only, e.g. parts:asc,parts:desc,gaussian:asc "
-                        "(default: each rule's own order)")
+                   help="which heads lose their position: asc (the lowest scores), desc (the highest), flat (the "
+                        "lowest spectral share p1 on the rule's criterion: the highest-rank heads, whatever the "
+                        "metric); several as separate rules, e.g. asc,flat; VARIANT:ORDER for one variant only, e.g. "
+                        "parts:asc,parts:flat,gaussian:asc (default: each rule's own order)")
     p.add_argument("--random-sets", type=int, default=1,
                    help="fixed random-head control sets per variant, seeded per setting (default 1; 0: none)")
     p.add_argument("--sweep", action="store_true",
@@ -887,8 +888,8 @@ def parse_args(argv=None):
         orders = {}
         for item in a.order:
             v, _, o = item.rpartition(":")
-            if o not in entropy.ORDERS or (v and v not in a.variant[1:]):
-                p.error(f"--order {','.join(a.order)}: give asc, desc or asc,desc, or VARIANT:ORDER for a variant "
+            if o not in (*entropy.ORDERS, "flat") or (v and v not in a.variant[1:]):
+                p.error(f"--order {','.join(a.order)}: give asc, desc, flat or a list, or VARIANT:ORDER for a variant "
                         f"of --variant ({', '.join(a.variant[1:]) or 'none given'})")
             for w in [v] if v else a.variant[1:]:
                 orders.setdefault(w, []).append(o)

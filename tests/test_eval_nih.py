@@ -242,9 +242,11 @@ def test_methods_both_readings_fixed_random_sets_and_sweep():
     assert [m.heads for m in again] == [m.heads for m in methods]  # fixed per setting: every prompt, every rerun
     other = eval_nih.methods_for(FakeSelector(), args, 30, 9, 8192, 0)
     assert [m.heads for m in other[-4:]] != [m.heads for m in methods[-4:]]  # drawn per setting
-    per = parse_args(["--variant", "parts,gaussian", "--order", "parts:asc,parts:desc,gaussian:asc"])
-    assert [m.name for m in eval_nih.methods_for(FakeSelector(), per, 30, 9, 4096, 0)] == \
-        ["none", "parts/asc", "parts/desc", "gaussian/asc", "parts/random0", "gaussian/random0"]
+    per = parse_args(["--variant", "parts,gaussian", "--order", "parts:asc,parts:flat,gaussian:asc"])
+    per_methods = eval_nih.methods_for(FakeSelector(), per, 30, 9, 4096, 0)
+    assert [m.name for m in per_methods] == \
+        ["none", "parts/asc", "parts/flat", "gaussian/asc", "parts/random0", "gaussian/random0"]
+    assert per_methods[2].rule == dict(k=5, criterion="query/post_ntk", metric="spectral", r=1, order="asc")
     noisy = eval_nih.methods_for(FakeSelector(), parse_args(["--variant", "all", "--random-sets", "0"]), 30, 9, 4096, 4)
     assert [m.name for m in noisy] == ["none", "all/desc"] and noisy[1].rule == eval_nih.RULE_NOISY_ALL
 
@@ -428,3 +430,19 @@ def test_the_default_model_does_not_depend_on_the_working_directory(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     a = parse_args([])
     assert Path(a.model).is_absolute() and Path(a.model) == eval_nih.DEFAULT_MODEL
+
+
+def test_the_two_readings_pick_opposite_ends_of_the_spectral_share():
+    """asc on H^1 removes the spikiest heads; H^1 = -p1 ln p1 peaks at p1 = 1/e, so desc on H^1 would pick heads at
+    p1 ~ 0.37, neither end: the high-rank reading is 'flat', the lowest p1."""
+    import torch
+
+    p1 = torch.tensor([[0.9, 0.6, 0.37, 0.2, 0.1]])  # (layers, heads)
+    rest = (1 - p1)[..., None] / 63 * torch.ones(1, 5, 63)
+    spectra = {"query/post_ntk": torch.cat((p1[..., None], rest), -1).double()}
+    sel = eval_nih.Selector({"spectra": spectra})
+    rule = dict(eval_nih.RULE_ORIGINAL, k=1)
+    args = parse_args(["--variant", "parts", "--order", "asc,desc,flat", "--k", "1", "--random-sets", "0"])
+    heads = {m.name: m.heads for m in eval_nih.methods_for(sel, args, 1, 5, 4096, 0)}
+    assert heads == {"none": [], "parts/asc": [(0, 0)], "parts/desc": [(0, 2)], "parts/flat": [(0, 4)]}
+    assert sel.heads(rule) == [(0, 0)]
