@@ -209,10 +209,11 @@ class HFModel:
         """Make transformers rotate with model.rope_params' frequencies for a static scaling, including the paper's
         "ntk" that transformers lacks: the rotary module's inv_freq buffer is overwritten (transformers recomputes it
         only for dynamic and longrope types, refused here)."""
-        kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
-        if "dynamic" in kind or "dynamic" in self.rotary.rope_type or "longrope" in (kind, self.rotary.rope_type):
-            raise ValueError(f"rope_scaling={rope_scaling} over a {self.rotary.rope_type!r} rotary module: only a "
-                             "static scaling over a static one can be set on a loaded model (put others in config.json)")
+        s = rope_scaling or {}
+        kinds = (s.get("rope_type", s.get("type", "default")), self.rotary.rope_type)
+        if any("dynamic" in k or k == "longrope" for k in kinds):
+            raise ValueError(f"rope_scaling={rope_scaling} over a {kinds[1]!r} rotary module: only a static scaling "
+                             "over a static one can be set on a loaded model (put others in config.json)")
         self.config.rope_scaling = rope_scaling or None
         inv_freq, scale = rope_params(self.config)
         with torch.no_grad():
@@ -223,8 +224,9 @@ class HFModel:
     @classmethod
     def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", rope_scaling=None, attn_implementation="sdpa",
                         device_map=None) -> "HFModel":
-        """Load an HF folder with transformers. device_map (e.g. "auto", through accelerate) spreads the layers over
-        the visible GPUs and replaces device. rope_scaling overrides the config's, as in model.Transformer."""
+        """Load an HF folder with transformers. Without device_map the weights pass through host memory to `device`;
+        device_map (transformers requires accelerate for it) loads them in place: "cuda" for one GPU, "auto" to
+        spread the layers over the visible GPUs. rope_scaling overrides the config's, as in model.Transformer."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {path} (see weights.md for how to get weights)")
