@@ -209,6 +209,7 @@ def identity(args, model_fp: str, haystack_text: str, factor) -> dict:
     return dict(model=model_fp, haystack=hashlib.sha256(haystack_text.encode()).hexdigest()[:16], ntk=factor,
                 seed=args.seed, dtype=args.dtype, device=args.device.split(":")[0], chunk=args.chunk,
                 max_new_tokens=args.max_new_tokens,
+                **({"engine": f"transformers/{args.attn}"} if args.engine == "transformers" else {}),
                 needle=args.needle, question=args.question, answer_prefix=args.answer_prefix)
 
 
@@ -351,9 +352,10 @@ def methods_for(sel: Selector, args, n_layer: int, n_head: int, length: int, noi
 # 4. The run: shared haystack prefix, layer reuse, one record per (prompt, method)
 
 
-def first_layer(m: Method, reuse: str) -> int:
-    """A DoPE head changes nothing below its layer: a head set can start there (0: the whole forward)."""
-    return min(layer for layer, _ in m.heads) if m.heads and reuse != "none" else 0
+def first_layer(m: Method, reuse: str, layers: bool = True) -> int:
+    """A DoPE head changes nothing below its layer: a head set can start there (0: the whole forward). layers=False:
+    an engine that cannot resume a forward at a layer (transformers)."""
+    return min(layer for layer, _ in m.heads) if m.heads and reuse != "none" and layers else 0
 
 
 def cost(cfg, start: int, n: int) -> float:
@@ -365,12 +367,12 @@ def cost(cfg, start: int, n: int) -> float:
     return n * (c0 + start) + n * n / 2
 
 
-def plan_work(cfg, methods, prompts, length, reuse: str, extra: int) -> float:
+def plan_work(cfg, methods, prompts, length, reuse: str, extra: int, layers: bool = True) -> float:
     """Total work of a setting (the methods and prompts still to run) in full prefills of `length` tokens: each head
     set's layers from its first denoised one, for the shared prefix once (reuse=prefix) and then every prompt's
     tail, plus teacher forcing and greedy decoding (at most `extra` tokens each)."""
     full = cost(cfg, 0, length)
-    sets = {m.head_set: 1 - first_layer(m, reuse) / cfg.n_layer for m in methods}
+    sets = {m.head_set: 1 - first_layer(m, reuse, layers) / cfg.n_layer for m in methods}
     sets.setdefault(("none", ()), 1.0)  # the baseline always runs: the others read its lower layers
     work = sum(sets.values()) * cost(cfg, 0, max((p.needle_at for _, _, p in prompts), default=0)) \
         if reuse == "prefix" else 0.0
@@ -389,15 +391,19 @@ class LayerProgress:
         from tqdm.auto import tqdm
 
         self.cfg, self.full, self.hooks = model.config, cost(model.config, 0, length), []
+        blocks = model.hf.model.layers if hasattr(model, "hf") else model.layers  # transformers' decoder layers
         self.bar = tqdm(total=total, desc=desc, unit="prefill", bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} "
                         "prefills [{elapsed}<{remaining}]", mininterval=2, file=sys.stderr)
-        for block in model.layers:
-            self.hooks.append(block.register_forward_hook(self._hook))
+        for block in blocks:
+            self.hooks.append(block.register_forward_hook(self._hook, with_kwargs=True))
 
-    def _hook(self, block, inputs, output):
-        x, pos = inputs[0], inputs[3]  # Block.forward(x (B, T, C), cos, sin, pos (T,), ...)
+    def _hook(self, block, args, kwargs, output):
+        # model.Block(x (B, T, C), cos, sin, pos (T,), ...); a transformers layer(hidden_states, ..., cache_position)
+        x = args[0] if args else kwargs["hidden_states"]
+        pos = args[3] if len(args) > 3 else kwargs.get("cache_position", kwargs.get("position_ids"))
         if x.shape[1]:
-            self.bar.update(cost(self.cfg, int(pos[0]), x.shape[1]) / self.cfg.n_layer / self.full)
+            start = int(pos.reshape(-1)[0]) if pos is not None else 0
+            self.bar.update(cost(self.cfg, start, x.shape[1]) / self.cfg.n_layer / self.full)
 
     def __enter__(self):
         return self
@@ -451,13 +457,14 @@ class HeadSetRunner:
     Answers are identical to a full recomputation and log-probabilities agree to float rounding (different matmul
     shapes): tests/test_eval_nih.py checks both."""
 
-    def __init__(self, model, methods, length: int, extra: int, chunk: int, reuse: str, device, seed: int):
+    def __init__(self, model, methods, length: int, extra: int, chunk: int, reuse: str, device, seed: int,
+                 layers: bool = True):
         self.model, self.length, self.extra, self.chunk, self.reuse, self.device, self.seed = \
             model, length, extra, chunk, reuse, device, seed
         self.valid = 0  # leading positions of the baseline's cache that still hold the shared stream
         self.sets = {}  # head set -> first layer
         for m in [Method("none", "none", "baseline")] + methods:
-            self.sets.setdefault(m.head_set, first_layer(m, reuse))
+            self.sets.setdefault(m.head_set, first_layer(m, reuse, layers))
         self.base_key = ("none", ())
         self.caches = {}
 
@@ -467,9 +474,10 @@ class HeadSetRunner:
         chunk = (self.chunk or TAIL_CHUNK) if cache.pos else (self.chunk or len(ids))
         if heads:
             apply_dope(self.model, DopePlan(list(heads), variant, seed=self.seed))
+        resume = dict(from_layer=f, hidden=hidden[f]) if f else {}  # layer reuse (model.py only)
         try:
-            return self.model.prefill(torch.tensor([ids], device=self.device), cache, chunk, from_layer=f,
-                                      hidden=hidden[f] if f else None, taps=taps)
+            return self.model.prefill(torch.tensor([ids], device=self.device), cache, chunk, **resume,
+                                      **(dict(taps=taps) if taps else {}))
         finally:
             remove_dope(self.model)
 
@@ -624,15 +632,17 @@ def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, o
     missing = [m for m in methods if any(ids[d, t, m.name] not in done for d, t, _ in todo)]
     if todo:
         check_memory(model, missing, length, extra, args)
-        work = plan_work(cfg, missing, todo, length, args.reuse, extra)
+        work = plan_work(cfg, missing, todo, length, args.reuse, extra, args.layer_reuse)
         scratch = plan_work(cfg, missing, todo, length, "none", extra)
         secs = calib["seconds"] if calib else None
         eta = f", ~{work * secs / 3600:.1f} h at {secs:.0f} s per full prefill (the calibration pass)" if secs else ""
         print(f"   {len(todo)} of {len(prompts)} prompts to run with {len(missing)} methods: about {work:.1f} full "
               f"prefills with --reuse {args.reuse} ({scratch:.1f} from scratch){eta}")
-    runner = HeadSetRunner(model, missing, length, extra, args.chunk, args.reuse, args.device, args.seed)
+    runner = HeadSetRunner(model, missing, length, extra, args.chunk, args.reuse, args.device, args.seed,
+                           args.layer_reuse)
     rows = []
-    with LayerProgress(model, length, plan_work(cfg, missing, todo, length, args.reuse, extra) if todo else 0.0,
+    with LayerProgress(model, length, plan_work(cfg, missing, todo, length, args.reuse, extra, args.layer_reuse)
+                       if todo else 0.0,
                        f"{length} tokens, noisy={noisy}") as progress:
         if todo and args.reuse == "prefix":
             shared = todo[0][2].needle_at  # the deepest needle: every other prompt's prefix is shorter
@@ -680,8 +690,15 @@ def load_model(path: Path, length: int, args):
         factor = length / native if length > native else None
     elif args.ntk != "none":
         factor = float(args.ntk)
-    model = Transformer.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device,
-                                        rope_scaling={"rope_type": "ntk", "factor": factor} if factor else {})
+    scaling = {"rope_type": "ntk", "factor": factor} if factor else {}
+    if args.engine == "transformers":  # the same experiment on the engine people run (hf_dope.py)
+        from hf_dope import HFModel
+
+        model = HFModel.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device,
+                                        rope_scaling=scaling, attn_implementation=args.attn)
+    else:
+        model = Transformer.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device,
+                                            rope_scaling=scaling)
     return model, factor
 
 
@@ -719,7 +736,7 @@ def check_memory(model, methods, length, extra, args):
     head set (its layers from the first denoised one; a layer with DoPE heads stores keys and values per query head),
     the hidden states kept for layer reuse, the prefill's activations and the weights."""
     need = memory_needed(model.config, methods, length, extra, args)
-    need += sum(p.numel() * p.element_size() for p in model.parameters())
+    need += sum(p.numel() * p.element_size() for p in getattr(model, "hf", model).parameters())
     avail = available_memory(args.device)
     print(f"   memory: about {need / 2**30:.1f} GiB of {avail / 2**30:.1f} GiB available on {args.device}")
     if need > 0.9 * avail:
@@ -736,11 +753,11 @@ def memory_needed(c, methods, length, extra, args) -> int:
     kv = c.n_layer * c.n_kv_head * layer_kv  # the baseline
     dope_kv = []
     for m in sets.values():
-        f = first_layer(m, args.reuse)
+        f = first_layer(m, args.reuse, args.layer_reuse)
         dope_layers = len({layer for layer, _ in m.heads})
         dope_kv.append(((c.n_layer - f) * c.n_kv_head + dope_layers * (c.n_head - c.n_kv_head)) * layer_kv)
     kv += sum(dope_kv) if args.reuse == "prefix" else max(dope_kv, default=0)
-    firsts = {first_layer(m, args.reuse) for m in sets.values()} - {0}
+    firsts = {first_layer(m, args.reuse, args.layer_reuse) for m in sets.values()} - {0}
     taps = 2 * len(firsts) * length * c.n_embd * b  # hidden states of the prefix and of a tail
     chunk = min(args.chunk or length, length)
     act = chunk * (3 * c.n_hidden + 8 * c.n_embd + 4 * c.n_head * c.head_dim) * 4  # MLP, residual, q/k/v, tables
@@ -868,6 +885,11 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=0,
                    help="prefill chunk in tokens; 0 (default) runs a prefix in one pass, the fastest on a CPU "
                         f"(SDPA's causal kernel skips the masked half), and tails in chunks of {TAIL_CHUNK}")
+    p.add_argument("--engine", choices=["model", "transformers"], default="model",
+                   help="model: this project's model.py (default); transformers: the checkpoint loaded by Hugging Face "
+                        "transformers with hf_dope.py (shared-prefix reuse, no layer reuse)")
+    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
+                   help="the attention implementation of --engine transformers (default sdpa)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--reuse", choices=REUSE, default="prefix",
                    help="prefix (default): each head set prefills the shared haystack once and each prompt its tail, "
@@ -914,6 +936,12 @@ def parse_args(argv=None):
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {a.device}: no CUDA device here (use --device cpu)")
     a.dtype = a.dtype or ("float32" if a.device == "cpu" else "bfloat16")
+    a.layer_reuse = a.engine == "model"  # transformers cannot resume a forward at a layer
+    if a.engine == "transformers":
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            p.error("--engine transformers needs the transformers package (pip install transformers)")
     try:
         check_templates(a.needle, a.question, a.answer_prefix)
     except ValueError as e:
