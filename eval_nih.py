@@ -695,7 +695,8 @@ def load_model(path: Path, length: int, args):
         from hf_dope import HFModel
 
         model = HFModel.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device,
-                                        rope_scaling=scaling, attn_implementation=args.attn)
+                                        rope_scaling=scaling, attn_implementation=args.attn,
+                                        device_map=args.device_map)
     else:
         model = Transformer.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device,
                                             rope_scaling=scaling)
@@ -890,6 +891,9 @@ def parse_args(argv=None):
                         "transformers with hf_dope.py (shared-prefix reuse, no layer reuse)")
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
                    help="the attention implementation of --engine transformers (default sdpa)")
+    p.add_argument("--device-map",
+                   help="--engine transformers: transformers' device_map, e.g. auto to spread the layers over every "
+                        "visible GPU (needs the accelerate package)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--reuse", choices=REUSE, default="prefix",
                    help="prefix (default): each head set prefills the shared haystack once and each prompt its tail, "
@@ -942,6 +946,10 @@ def parse_args(argv=None):
 
         if importlib.util.find_spec("transformers") is None:
             p.error("--engine transformers needs the transformers package (pip install transformers)")
+        if a.device_map and importlib.util.find_spec("accelerate") is None:
+            p.error("--device-map needs the accelerate package (pip install accelerate)")
+    elif a.device_map:
+        p.error("--device-map goes with --engine transformers")
     try:
         check_templates(a.needle, a.question, a.answer_prefix)
     except ValueError as e:

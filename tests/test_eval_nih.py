@@ -46,6 +46,7 @@ def test_bad_arguments_are_clear_errors(capsys):
     (["--needle", "{key} {x} {value}"], "unknown field"), (["--question", "What number?"], "must contain"),
     (["--needle", "no value {key}"], "must contain"), (["--device", "cuda"], "no CUDA device"),
     (["--device", "potato"], "not a torch device"), (["--random-sets", "-1"], "--random-sets"),
+    (["--device-map", "auto"], "goes with --engine transformers"),
 ])
 def test_bad_flags_are_refused_before_any_model_work(capsys, argv, message):
     with pytest.raises(SystemExit) as e:

@@ -265,10 +265,12 @@ def test_other_architectures_are_refused_by_name(tmp_path):
 def test_plans_naming_missing_heads_installing_twice_and_removing_nothing_are_errors(tiny, idx):
     th, _ = tiny
     hooks = n_hooks(th.hf)
-    for heads in ([(2, 0)], [(0, 4)], [(-1, 0)]):  # 2 layers x 4 heads
+    for heads in ([(2, 0)], [(0, 4)]):  # 2 layers x 4 heads
         with pytest.raises(ValueError, match="do not exist"):
             th.install(DopePlan(heads, "all"))
         assert th.plan is None and n_hooks(th.hf) == hooks
+    with pytest.raises(ValueError, match="is negative"):  # refused by the plan itself, before the model sees it
+        DopePlan([(-1, 0)], "all")
     with pytest.raises(ValueError, match="no heads"):
         th.install(DopePlan([], "all"))
     with pytest.raises(RuntimeError, match="no DoPE plan is installed"):
