@@ -2,7 +2,7 @@
 What exact reuse saves in the needle-in-a-haystack grid: the same prompts and methods run three ways, side by side in
 one process, and their answers compared.
 
-    python bench_reuse.py                      # 4K tokens, 6 depths, baseline + by-parts (both readings) + by-Gaussian
+    python bench_reuse.py                      # 4K tokens, 6 depths, baseline + by-parts and by-Gaussian, both readings
     python bench_reuse.py --len 8k --depths 11
 
 - none:   every method prefills every prompt from scratch;
@@ -48,7 +48,7 @@ def main():
     p.add_argument("--len", default="4k")
     p.add_argument("--depths", type=int, default=6)
     p.add_argument("--variant", default="parts,gaussian")
-    p.add_argument("--order", default="asc,desc")
+    p.add_argument("--order", default="asc,flat")
     p.add_argument("--repeats", type=int, default=1, help="rounds of the three modes, interleaved (median reported)")
     a = p.parse_args()
     args = eval_nih.parse_args(["--len", a.len, "--depths", str(a.depths), "--variant", a.variant, "--order", a.order])
