@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,7 +24,7 @@ import entropy
 from bench_model import PeakMemory, default_device, default_dtype, device_name, synchronize
 from dope import DopePlan, apply_dope, remove_dope
 from eval_nih import parse_len
-from model import Transformer
+from model import Transformer, read_json
 
 VARIANTS = ("parts", "all", "gaussian")
 
@@ -57,7 +58,7 @@ def main(argv=None):
           " | ".join(f"{'DoPE-' + v + ' s':>15} {'ratio':>6}" for v in VARIANTS))
     rows = []
     for T in [parse_len(s) for s in a.lens.split(",")]:
-        native = 8192
+        native = read_json(Path(a.model) / "config.json").get("max_position_embeddings", 2048)  # the model's own
         model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=a.device,
                                             rope_scaling={"rope_type": "ntk", "factor": T / native} if T > native
                                             else None)
