@@ -187,3 +187,26 @@ def test_prefix_reuse_equals_full_recomputation(model, idx):
     finally:
         remove_dope(model)
     assert torch.equal(torch.cat(got, 1), torch.cat(want, 1))
+
+
+def test_by_parts_takes_its_bands_from_the_scaled_base_in_use(tmp_path):
+    """v2 Eq. 14: theta_f from the NTK-scaled base the forward uses, not the checkpoint's. With base 1e4, d = 16 and
+    L_native = 32, the static NTK factor 8 (base x 57^(8/7)) turns one more band slow enough to count as low."""
+    m = ours(hf_tiny("llama", n_kv=2), tmp_path, rope_scaling={"rope_type": "ntk", "factor": 8.0})
+    plan = DopePlan([(0, 1)], "parts")
+    apply_dope(m, plan)
+    remove_dope(m)
+    scaled = low_freq_bands(m.rope_inv_freq(), 32)
+    unscaled = low_freq_bands(m.rope_inv_freq(scaled=False), 32)
+    assert torch.equal(plan.bands, scaled) and not torch.equal(scaled, unscaled)
+    assert int(scaled.sum()) > int(unscaled.sum())
+
+
+def test_by_parts_under_hf_dynamic_scaling_is_refused(tmp_path):
+    m = ours(hf_tiny("llama", n_kv=2, rope={"rope_type": "dynamic", "factor": 2.0}), tmp_path)
+    with pytest.raises(ValueError, match="dynamic NTK"):
+        apply_dope(m, DopePlan([(0, 1)], "parts"))
+    apply_dope(m, DopePlan([(0, 1)], "parts"), inv_freq=m.rope_inv_freq(seq_len=64))  # explicit: allowed
+    remove_dope(m)
+    apply_dope(m, DopePlan([(0, 1)], "all"))  # no bands involved
+    remove_dope(m)
