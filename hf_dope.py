@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 import dope
-from model import Config, apply_rope, rope_cos_sin, rope_params
+from model import Config, Transformer, apply_rope, rope_cos_sin, rope_params
 
 try:
     import transformers
@@ -311,19 +311,5 @@ class HFModel:
                 progress.update(min(chunk, idx.shape[1] - i))
         return logits
 
-    @torch.inference_mode()
-    def generate(self, idx, max_new_tokens: int, stop_tokens=(), chunk: int = 2048, cache=None, logits=None):
-        """Greedy decoding of one sequence idx (1, T), as model.Transformer.generate: the new ids, stop excluded."""
-        assert idx.shape[0] == 1, "generate() decodes one sequence at a time"
-        if cache is None:
-            cache = self.new_cache(1, idx.shape[1] + max_new_tokens)
-        if logits is None:
-            logits = self.prefill(idx, cache, chunk)
-        out = []
-        for _ in range(max_new_tokens):
-            tok = int(logits[0, -1].argmax())
-            if tok in stop_tokens:
-                break
-            out.append(tok)
-            logits = self(torch.tensor([[tok]]), cache=cache)
-        return out
+    # Greedy decoding is model.Transformer's loop, which needs only new_cache, prefill and a call with a cache.
+    generate = Transformer.generate
