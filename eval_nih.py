@@ -225,11 +225,12 @@ def calibrate(model, builder, length, noisy, args, out: Path, ident: dict) -> di
     """Spectra of every criterion on the calibration prompt (its own needle and key), kept in out/ under a name
     that hashes everything they depend on. A damaged file is reported and recomputed."""
     key = dict(ident, length=length, noisy=noisy, calib_key=CALIB_KEY, max_new_tokens=None)
-    path = out / f"calib_{length}_noisy{noisy}_{digest(key)}.pt"
+    path = out / f"calib_{length}_noisy{noisy}_{digest(key)}.json"  # text: spectra, never weights or pickles
     if path.exists():
         try:
-            saved = torch.load(path, weights_only=True)
+            saved = json.loads(path.read_text())
             if saved.get("key") == key:
+                saved["spectra"] = {c: torch.tensor(p, dtype=torch.float64) for c, p in saved["spectra"].items()}
                 return saved
             warnings.warn(f"{path} was computed for other settings; recomputing it")
         except Exception as e:  # a truncated or foreign file: a cache, so recompute
@@ -243,7 +244,8 @@ def calibrate(model, builder, length, noisy, args, out: Path, ident: dict) -> di
                                     progress=False)
     spectra = {c: entropy.spectrum(g).cpu() for c, g in grams.items()}  # (L, H, d): all any metric needs
     saved = {"key": key, "spectra": spectra, "seconds": time.time() - t0}
-    write_atomic(path, lambda f: torch.save(saved, f))
+    text = json.dumps({**saved, "spectra": {c: p.tolist() for c, p in spectra.items()}})
+    write_atomic(path, lambda f: f.write(text.encode()))
     return saved
 
 

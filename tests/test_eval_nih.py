@@ -346,18 +346,18 @@ def test_calibration_and_records_are_keyed_on_what_they_depend_on(tmp_path, monk
     damaged calibration file is reported, naming it, and recomputed."""
     model = ensure_weights("smollm2")
     run(parse_args(short_argv(tmp_path, "--depths", "1")))
-    calib = sorted(tmp_path.glob("calib_600_noisy0_*.pt"))
+    calib = sorted(tmp_path.glob("calib_600_noisy0_*.json"))
     assert len(calib) == 1
     run(parse_args(short_argv(tmp_path, "--depths", "1", "--seed", "7")))
     hay = tmp_path / "hay.txt"
     hay.write_text("Rivers run to the sea. Mountains stand still. Birds fly south in winter. " * 3)
     run(parse_args(short_argv(tmp_path, "--depths", "1", "--haystack-file", str(hay))))
-    assert len(set(tmp_path.glob("calib_600_noisy0_*.pt"))) == 3
+    assert len(set(tmp_path.glob("calib_600_noisy0_*.json"))) == 3
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 9 and len({r["cell"] for r in rows}) == 9
     hay.write_text("Rivers run to the sea. Mountains stand still. Birds fly south in winter. " * 4)  # edited
     run(parse_args(short_argv(tmp_path, "--depths", "1", "--haystack-file", str(hay))))
-    assert len(set(tmp_path.glob("calib_600_noisy0_*.pt"))) == 4
+    assert len(set(tmp_path.glob("calib_600_noisy0_*.json"))) == 4
 
     calib[0].write_bytes(calib[0].read_bytes()[:100])  # a crash mid-write of an older version
     (tmp_path / "results.jsonl").unlink()
