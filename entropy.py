@@ -332,8 +332,8 @@ def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="non
 
     The model is duck-typed: model.config.{n_layer, n_head, n_kv_head, head_dim}; model.rope_inv_freq() (in use) and
     model.rope_inv_freq(scaled=False) (original base); model.new_cache(batch=1, max_len=T); and
-    model(tokens (1, t), cache=cache, observer=acc), which advances the cache and calls acc(layer, q, k, pos) in
-    every layer with q and k before rotation.
+    model(tokens (1, t), cache=cache), which advances the cache; and model.observing(acc), a context manager inside
+    which every layer calls acc(layer, q, k, pos) with q and k before rotation.
 
     The tokens are moved to `device` (default: the device of the model's parameters, if it has any), and the Grams
     stay on the device the model computes on.
@@ -357,8 +357,9 @@ def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="non
                           criteria=criteria, preprocess=preprocess, gram_dtype=gram_dtype)
     with torch.inference_mode():
         cache = model.new_cache(batch=1, max_len=T)
-        for start in tqdm(range(0, T, chunk), desc="scoring heads", unit="chunk", disable=not progress):
-            model(tokens[:, start:start + chunk], cache=cache, observer=acc)
+        with model.observing(acc):
+            for start in tqdm(range(0, T, chunk), desc="scoring heads", unit="chunk", disable=not progress):
+                model(tokens[:, start:start + chunk], cache=cache)
     assert acc.n_tokens == T, f"the observer saw {acc.n_tokens} tokens of {T}"
     return acc.grams()
 

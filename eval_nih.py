@@ -46,7 +46,7 @@ import entropy
 import report
 from report import append_record, load_done
 from dope import DopePlan, apply_dope, remove_dope
-from model import Tokenizer, Transformer
+from model import Tokenizer, Transformer, check_dynamic_chunks
 
 PROJECT = Path(__file__).resolve().parent
 DEFAULT_MODEL = PROJECT / "weights" / "SmolLM2-135M-Instruct"
@@ -446,6 +446,34 @@ def answer_and_decode(model, head_set, cache, logits, answer, prompt_ids, max_ne
     return dict(new=new, logprob=lp, decode_seconds=time.time() - t0)
 
 
+@torch.inference_mode()
+def prefill_from(model, idx, cache, chunk: int, first: int = 0, hidden=None, taps=None):
+    """model.prefill with layer reuse: a DoPE head changes nothing below its layer, so its run may start at layer
+    `first` from the input hidden states there (hidden: one (B, t, C) tensor per chunk), the cache already holding
+    the layers below (KVCache.share). taps = {layer: []} collects those inputs, chunk by chunk. The loop is
+    Transformer.forward's, started at `first`. Returns the last position's logits (B, 1, vocab)."""
+    n_layer, n_chunks = len(model.layers), -(-idx.shape[1] // chunk)
+    if not 0 <= first < n_layer or (first > 0) != (hidden is not None):
+        raise ValueError(f"first={first!r}: expected 0 without hidden states, or a layer in 1..{n_layer - 1} with "
+                         "the input hidden state of each chunk")
+    if hidden is not None and len(hidden) != n_chunks:
+        raise ValueError(f"hidden holds {len(hidden)} chunk states, but {idx.shape[1]} tokens in chunks of {chunk} "
+                         f"make {n_chunks}")
+    check_dynamic_chunks(model.config, cache.pos, idx.shape[1], chunk)
+    logits = None
+    for n, i in enumerate(range(0, idx.shape[1], chunk)):
+        ids = idx[:, i:i + chunk]
+        x = hidden[n] if first else model.embed_tokens(ids)  # (B, t, C)
+        cos, sin, pos, mask = model.rope_at(cache.pos, ids.shape[1], x)
+        for layer in range(first, n_layer):
+            if taps is not None and layer in taps:
+                taps[layer].append(x)
+            x = model.layers[layer](x, cos, sin, pos, cache, mask)
+        cache.pos += ids.shape[1]
+        logits = model.logits(x)
+    return logits
+
+
 class HeadSetRunner:
     """Runs the prompts of one setting for a list of methods, sharing every computation that is provably the same.
 
@@ -476,19 +504,19 @@ class HeadSetRunner:
         chunk = (self.chunk or TAIL_CHUNK) if cache.pos else (self.chunk or len(ids))
         if heads:
             apply_dope(self.model, DopePlan(list(heads), variant, seed=self.seed))
-        resume = dict(from_layer=f, hidden=hidden[f]) if f else {}  # layer reuse (model.py only)
+        idx = torch.tensor([ids], device=self.device)
         try:
-            return self.model.prefill(torch.tensor([ids], device=self.device), cache, chunk, **resume,
-                                      **(dict(taps=taps) if taps else {}))
+            if f or taps:  # layer reuse (model.py only)
+                return prefill_from(self.model, idx, cache, chunk, f, hidden[f] if f else None, taps)
+            return self.model.prefill(idx, cache, chunk)
         finally:
             remove_dope(self.model)
 
     def _cache(self, head_set):
         if head_set not in self.caches:
             cache = self.model.new_cache(1, self.length + self.extra)
-            base = self.caches.get(self.base_key)
-            for layer in range(self.sets[head_set]):  # shared with the baseline below the first denoised layer
-                cache.k[layer], cache.v[layer] = base.k[layer], base.v[layer]
+            if self.sets[head_set]:  # shared with the baseline below the first denoised layer
+                cache.share(self.caches[self.base_key], self.sets[head_set])
             self.caches[head_set] = cache
         return self.caches[head_set]
 
@@ -613,73 +641,86 @@ def check_inputs(args) -> dict:
 
 
 def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, out, results, done) -> list:
-    cfg, model_name = model.config, Path(args.model).name
+    """One (length, noise) setting: calibrate, choose each method's heads, then run every (prompt, method) cell that
+    the records do not hold yet, deepest needle first. Returns the setting's records."""
     extra = args.max_new_tokens + 16
     check_memory(model, [], length, extra, args)  # the baseline alone must fit: refuse before calibrating
     calib = calibrate(model, builder, length, noisy, args, out, ident) \
         if len(args.variant) > 1 or args.report_heads else None
     if args.report_heads:
-        report_heads(calib, cfg, length, noisy, args, out)
+        report_heads(calib, model.config, length, noisy, args, out)
         return []
-    sel = Selector(calib) if calib else None
-    methods = methods_for(sel, args, cfg.n_layer, cfg.n_head, length, noisy)
-    if sel:
-        save_heads(sel, methods, length, noisy, out, model_name)
-    for m in methods:
-        if m.role in ("rule", "random"):
-            print(f"   noisy={noisy} {m.name}: {m.rule} -> heads {m.heads}")
+    methods = setting_methods(calib, model.config, args, length, noisy, out)
     prompts = sorted(setting_prompts(builder, length, noisy, args), key=lambda x: -x[2].needle_at)
     ids = {(d, t, m.name): cell_id(ident, length, noisy, d, t, m) for d, t, _ in prompts for m in methods}
     todo = [(d, t, p) for d, t, p in prompts if any(ids[d, t, m.name] not in done for m in methods)]
     missing = [m for m in methods if any(ids[d, t, m.name] not in done for d, t, _ in todo)]
-    if todo:
-        check_memory(model, missing, length, extra, args)
-        work = plan_work(cfg, missing, todo, length, args.reuse, extra, args.layer_reuse)
-        scratch = plan_work(cfg, missing, todo, length, "none", extra)
-        secs = calib["seconds"] if calib else None
-        eta = f", ~{work * secs / 3600:.1f} h at {secs:.0f} s per full prefill (the calibration pass)" if secs else ""
-        print(f"   {len(todo)} of {len(prompts)} prompts to run with {len(missing)} methods: about {work:.1f} full "
-              f"prefills with --reuse {args.reuse} ({scratch:.1f} from scratch){eta}")
+    work = announce_work(model, calib, methods, missing, prompts, todo, length, extra, args)
     runner = HeadSetRunner(model, missing, length, extra, args.chunk, args.reuse, args.device, args.seed,
                            args.layer_reuse)
-    rows = []
-    with LayerProgress(model, length, plan_work(cfg, missing, todo, length, args.reuse, extra, args.layer_reuse)
-                       if todo else 0.0,
-                       f"{length} tokens, noisy={noisy}") as progress:
+    fixed = dict(model=Path(args.model).name, model_id=ident["model"], native=model.config.max_pos, length=length,
+                 noisy=noisy, ntk_factor=factor, reuse=args.reuse, seed=args.seed, dtype=args.dtype, device=args.device)
+    with LayerProgress(model, length, work, f"{length} tokens, noisy={noisy}") as progress:
         if todo and args.reuse == "prefix":
-            shared = todo[0][2].needle_at  # the deepest needle: every other prompt's prefix is shorter
-            stream = builder.stream(shared)
+            stream = builder.stream(todo[0][2].needle_at)  # the deepest needle: every other prefix is shorter
             for _, _, p in todo:
                 assert p.ids[:p.needle_at] == stream[:p.needle_at], "a prompt is not a slice of the shared stream"
             runner.prefix(stream, {m.head_set for m in missing})
-        for d, t, p in prompts:
+        for d, t, p in todo:
             need = [m for m in methods if ids[d, t, m.name] not in done]
-            if need:
-                answer = tok.encode(" " + p.value)
-                prompt_ids = torch.tensor([p.ids], device=args.device)
-
-                def decode(head_set, cache, logits):
-                    return answer_and_decode(model, head_set, cache, logits, answer, prompt_ids, args.max_new_tokens,
-                                             stop, args.seed)
-
-                start = p.needle_at if args.reuse == "prefix" else 0
-                outs = runner.prompt(p.ids, start, {m.head_set for m in need}, decode)
-                for m in need:
-                    o = outs[m.head_set]
-                    text = tok.decode(o["new"]).split("\n")[0]  # stop at a newline, as the paper does
-                    rec = dict(cell=ids[d, t, m.name], model=model_name, model_id=ident["model"], native=cfg.max_pos,
-                               length=length, noisy=noisy, depth=d, actual_depth=round(p.actual_depth, 4), trial=t,
-                               key=p.key, expected=p.value, method=m.name, variant=m.variant, role=m.role,
-                               rule=m.rule, heads=m.heads, ntk_factor=factor, answer=text, score=score(text, p.value),
-                               logprob=round(o["logprob"], 6), prefill_seconds=round(o["prefill_seconds"], 2),
-                               decode_seconds=round(o["decode_seconds"], 2), first_layer=runner.sets[m.head_set],
-                               tail_tokens=length - start, reuse=args.reuse, seed=args.seed, dtype=args.dtype,
-                               device=args.device)
-                    append_record(results, rec)
-                    done[ids[d, t, m.name]] = rec
-            rows += [done[ids[d, t, m.name]] for m in methods]
+            for m, rec in run_prompt(runner, model, tok, p, need, stop, args):
+                rec = dict(cell=ids[d, t, m.name], **fixed, depth=d, trial=t, **rec)
+                append_record(results, rec)
+                done[rec["cell"]] = rec
         progress.bar.n = progress.bar.total
-    return rows
+    return [done[ids[d, t, m.name]] for d, t, _ in prompts for m in methods]
+
+
+def setting_methods(calib, cfg, args, length: int, noisy: int, out: Path) -> list:
+    """The setting's methods with their heads (saved and printed: which heads each rule removes)."""
+    sel = Selector(calib) if calib else None
+    methods = methods_for(sel, args, cfg.n_layer, cfg.n_head, length, noisy)
+    if sel:
+        save_heads(sel, methods, length, noisy, out, Path(args.model).name)
+    for m in methods:
+        if m.role in ("rule", "random"):
+            print(f"   noisy={noisy} {m.name}: {m.rule} -> heads {m.heads}")
+    return methods
+
+
+def announce_work(model, calib, methods, missing, prompts, todo, length, extra, args) -> float:
+    """Refuse what would not fit; print what is left to run and its cost. Returns the work in full prefills."""
+    if not todo:
+        return 0.0
+    check_memory(model, missing, length, extra, args)
+    work = plan_work(model.config, missing, todo, length, args.reuse, extra, args.layer_reuse)
+    scratch = plan_work(model.config, missing, todo, length, "none", extra)
+    secs = calib["seconds"] if calib else None
+    eta = f", ~{work * secs / 3600:.1f} h at {secs:.0f} s per full prefill (the calibration pass)" if secs else ""
+    print(f"   {len(todo)} of {len(prompts)} prompts to run with {len(missing)} methods: about {work:.1f} full "
+          f"prefills with --reuse {args.reuse} ({scratch:.1f} from scratch){eta}")
+    return work
+
+
+def run_prompt(runner, model, tok, p: Prompt, need, stop, args):
+    """Run one prompt for the methods in need; yields (method, the record's per-prompt fields)."""
+    answer = tok.encode(" " + p.value)
+    prompt_ids = torch.tensor([p.ids], device=args.device)
+
+    def decode(head_set, cache, logits):
+        return answer_and_decode(model, head_set, cache, logits, answer, prompt_ids, args.max_new_tokens, stop,
+                                 args.seed)
+
+    start = p.needle_at if args.reuse == "prefix" else 0
+    outs = runner.prompt(p.ids, start, {m.head_set for m in need}, decode)
+    for m in need:
+        o = outs[m.head_set]
+        text = tok.decode(o["new"]).split("\n")[0]  # stop at a newline, as the paper does
+        yield m, dict(actual_depth=round(p.actual_depth, 4), key=p.key, expected=p.value, method=m.name,
+                      variant=m.variant, role=m.role, rule=m.rule, heads=m.heads, answer=text,
+                      score=score(text, p.value), logprob=round(o["logprob"], 6),
+                      prefill_seconds=round(o["prefill_seconds"], 2), decode_seconds=round(o["decode_seconds"], 2),
+                      first_layer=runner.sets[m.head_set], tail_tokens=len(p.ids) - start)
 
 
 def load_model(path: Path, length: int, args):

@@ -192,6 +192,7 @@ class HFModel:
         check_architecture(type(hf).__name__)
         check_intervention_point(hf)
         self.hf = hf.eval()
+        self.observer = None  # set by observing()
         d = hf.config.to_dict()
         d["architectures"] = [type(hf).__name__]
         self.config = Config.from_hf(d)
@@ -265,8 +266,17 @@ class HFModel:
         return HFCache(transformers.DynamicCache(config=self.hf.config), max_len or self.config.max_pos)
 
     @contextmanager
-    def _observing(self, observer, pos):
-        """Call observer(layer, q (B, H, T, d), k (B, Hkv, T, d), pos (T,)) with q and k before any rotation."""
+    def observing(self, observer):
+        """Call observer(layer, q (B, H, T, d), k (B, Hkv, T, d), pos (T,)) with q and k before any rotation in
+        every forward inside the with block, as model.Transformer.observing."""
+        self.observer = observer
+        try:
+            yield
+        finally:
+            self.observer = None
+
+    @contextmanager
+    def _hooks(self, observer, pos):
         if observer is None:
             yield
             return
@@ -287,7 +297,7 @@ class HFModel:
             for h in handles:
                 h.remove()
 
-    def __call__(self, idx, cache=None, all_logits=False, observer=None):
+    def __call__(self, idx, cache=None, all_logits=False):
         """Logits (B, T or 1, vocab) in float32, as model.Transformer.forward."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -295,18 +305,18 @@ class HFModel:
             raise ValueError(f"KV cache of {cache.max_len} positions is full: cannot add {T} at position {start}")
         idx = idx.to(self.device)
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        with torch.inference_mode(), self._observing(observer, pos):
+        with torch.inference_mode(), self._hooks(self.observer, pos):
             out = self.hf(input_ids=idx, position_ids=pos.expand(B, T), use_cache=cache is not None,
                           past_key_values=cache.kv if cache is not None else None,
                           logits_to_keep=0 if all_logits else 1)
         return out.logits.float()
 
     @torch.inference_mode()
-    def prefill(self, idx, cache, chunk: int = 2048, progress=None, observer=None):
+    def prefill(self, idx, cache, chunk: int = 2048, progress=None):
         """Run idx (B, T) into the cache chunk by chunk; returns the last position's logits (B, 1, vocab)."""
         logits = None
         for i in range(0, idx.shape[1], chunk):
-            logits = self(idx[:, i:i + chunk], cache=cache, observer=observer)
+            logits = self(idx[:, i:i + chunk], cache=cache)
             if progress is not None:
                 progress.update(min(chunk, idx.shape[1] - i))
         return logits

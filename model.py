@@ -14,6 +14,7 @@ Module and parameter names follow HF (`q_proj`, `input_layernorm`, ...) so any H
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -256,6 +257,12 @@ class KVCache:
         self.v[layer][:, :, self.pos:self.pos + T] = v
         return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
 
+    def share(self, other: "KVCache", n_layers: int):
+        """Point this cache's first n_layers layers at other's tensors: what is written through one is read through
+        both (the experiment's layer reuse, for layers that two runs compute identically)."""
+        for layer in range(n_layers):
+            self.k[layer], self.v[layer] = other.k[layer], other.v[layer]
+
     def rewind(self, pos: int):
         """Forget every position from pos on (e.g. after scoring a teacher-forced answer): the next write goes
         there, and nothing past it is ever read before it is written again."""
@@ -276,14 +283,17 @@ class Attention(nn.Module):
         # Optional per-head RoPE: a callable (cos, sin, pos) -> (cos, sin, add) with cos/sin (n_head, T, d) and add
         # None or (2, n_head, T, d) added to q and k after rotation. dope.py sets it; None means plain RoPE.
         self.head_rope = None
+        # Optional observer(layer, q, k, pos) called with q and k before rotation; entropy.py sets it (through
+        # Transformer.observing) to score heads. None means nothing is observed.
+        self.observer = None
 
-    def forward(self, x, cos, sin, pos, cache=None, observer=None, mask=None):
+    def forward(self, x, cos, sin, pos, cache=None, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
-        if observer is not None:  # entropy.py reads q and k before rotation
-            observer(self.layer, q, k, pos)
+        if self.observer is not None:  # entropy.py reads q and k before rotation
+            self.observer(self.layer, q, k, pos)
         rope = kernels.rope_qk if use_kernel(q) else rope_qk  # the fused Triton kernel on a GPU, else eager
         q, k = rope(q, k, cos, sin, pos, self.head_rope)  # (B, H, T, d), (B, Hkv or H, T, d)
         if k.shape[1] != v.shape[1]:  # keys came back per query head (DoPE): values follow
@@ -314,8 +324,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pos, cache=None, observer=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, observer, mask)
+    def forward(self, x, cos, sin, pos, cache=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -342,57 +352,65 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         return KVCache(self.config.n_layer, max_len or self.config.max_pos)
 
-    def forward(self, idx, cache=None, all_logits=False, observer=None, from_layer=0, hidden=None, taps=None):
+    def forward(self, idx, cache=None, all_logits=False):
         """Logits (B, T, vocab) if all_logits, else (B, 1, vocab) for the last position only. With a cache, idx
-        continues the cached sequence (chunked prefill or decode).
-
-        Prefix reuse (a DoPE head changes nothing below its layer): taps = {layer: []} collects the input hidden
-        state (B, T, C) of those layers; from_layer=l with hidden = such a state resumes the forward at layer l, the
-        cache holding the layers below l from an earlier run."""
+        continues the cached sequence (chunked prefill or decode)."""
         check_token_ids(idx, self.config.vocab_size)
-        if not 0 <= from_layer <= len(self.layers) or (from_layer > 0 and hidden is None):
-            raise ValueError(f"from_layer={from_layer!r}: expected 0 or a layer in 1..{len(self.layers)} with its "
-                             "input hidden state")
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,) absolute positions
+        x = self.embed_tokens(idx)  # (B, T, C)
+        cos, sin, pos, mask = self.rope_at(start, T, x)
+        for layer in self.layers:
+            x = layer(x, cos, sin, pos, cache, mask)
+        if cache is not None:
+            cache.pos += T
+        return self.logits(x, all_logits)
+
+    def rope_at(self, start: int, T: int, x):
+        """What every layer needs for T new positions after `start` cached ones: cos, sin (T, d) float32, the
+        positions pos (T,), and the attention mask (None: causal from position 0, or a single query)."""
+        pos = torch.arange(start, start + T, device=x.device)  # (T,) absolute positions
         inv_freq, scale = rope_params(self.config, start + T)
-        cos, sin = rope_cos_sin(inv_freq.to(idx.device), pos, scale)  # (T, d) float32
-        x = self.embed_tokens(idx) if from_layer == 0 else hidden  # (B, T, C)
+        cos, sin = rope_cos_sin(inv_freq.to(x.device), pos, scale)  # (T, d) float32
         mask = None
         if T > 1 and start > 0:
             # A chunk of T new queries meets start + T keys: query i sits at start + i, so SDPA's is_causal (which
             # aligns the mask to the top-left corner) would be wrong. Build the bottom-right-aligned mask once, as
             # an additive float mask so SDPA does not convert it again in every layer. Size T x S, never S x S.
-            keep = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
-            mask = torch.zeros(T, start + T, dtype=x.dtype, device=idx.device).masked_fill_(~keep, float("-inf"))
-        for i in range(from_layer, len(self.layers)):
-            if taps is not None and i in taps:
-                taps[i].append(x)
-            x = self.layers[i](x, cos, sin, pos, cache, observer, mask)
-        if cache is not None:
-            cache.pos += T
+            keep = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            mask = torch.zeros(T, start + T, dtype=x.dtype, device=x.device).masked_fill_(~keep, float("-inf"))
+        return cos, sin, pos, mask
+
+    def logits(self, x, all_logits: bool = False):
+        """The final norm and LM head on hidden states x (B, T, C): (B, T or 1, vocab) in float32."""
         x = self.norm(x if all_logits else x[:, -1:])  # the LM head on the last position only, at inference
-        return self.lm_head(x).float()  # (B, T or 1, vocab)
+        return self.lm_head(x).float()
+
+    @contextmanager
+    def observing(self, observer):
+        """Call observer(layer, q (B, H, T, d), k (B, Hkv, T, d), pos (T,)) in every layer with q and k before
+        rotation, inside the with block (entropy.py's scoring pass)."""
+        for block in self.layers:
+            block.self_attn.observer = observer
+        try:
+            yield
+        finally:
+            for block in self.layers:
+                block.self_attn.observer = None
 
     @torch.inference_mode()
-    def prefill(self, idx, cache, chunk: int = 2048, observer=None, progress=None, from_layer=0, hidden=None,
-                taps=None):
+    def prefill(self, idx, cache, chunk: int = 2048, progress=None):
         """Run idx (B, T) into the cache chunk by chunk; returns the last position's logits (B, 1, vocab).
-        Memory grows with chunk * T, never T * T. from_layer / hidden (one tensor per chunk) / taps: see forward."""
+        Memory grows with chunk * T, never T * T."""
         if isinstance(chunk, bool) or not isinstance(chunk, Integral):
             raise TypeError(f"prefill chunk must be an int (tokens per forward), got chunk={chunk!r}")
         if chunk < 1:
             raise ValueError(f"prefill chunk must be >= 1 (tokens per forward), got chunk={chunk!r}")
         check_token_ids(idx, self.config.vocab_size)
-        n_chunks = -(-idx.shape[1] // chunk)
-        if hidden is not None and len(hidden) != n_chunks:
-            raise ValueError(f"hidden holds {len(hidden)} chunk states, but {idx.shape[1]} tokens in chunks of "
-                             f"{chunk} make {n_chunks}")
+        check_dynamic_chunks(self.config, cache.pos, idx.shape[1], chunk)
         logits = None
-        for n, i in enumerate(range(0, idx.shape[1], chunk)):
-            logits = self(idx[:, i:i + chunk], cache=cache, observer=observer, from_layer=from_layer,
-                          hidden=hidden[n] if hidden is not None else None, taps=taps)
+        for i in range(0, idx.shape[1], chunk):
+            logits = self(idx[:, i:i + chunk], cache=cache)
             if progress is not None:
                 progress.update(min(chunk, idx.shape[1] - i))
         return logits
@@ -522,6 +540,18 @@ def check_token_ids(idx, vocab_size: int) -> None:
         where = tuple(torch.nonzero(idx == bad)[0].tolist())
         raise ValueError(f"token id {bad} at (batch, position) {where} is out of range: the vocabulary has "
                          f"{vocab_size} ids, 0..{vocab_size - 1}")
+
+
+def check_dynamic_chunks(cfg: Config, start: int, T: int, chunk: int) -> None:
+    """HF's dynamic NTK sets the base from the length of each forward, so a prefill split into several forwards
+    past the native context would rotate its chunks with different bases (and differ from one pass). Refused,
+    naming the ways out."""
+    kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
+    if kind == "dynamic" and start + T > cfg.max_pos and (start > 0 or T > chunk):
+        raise ValueError(f"a prefill of {T} tokens after {start} cached ones in chunks of {chunk} under dynamic NTK "
+                         f"scaling past the native {cfg.max_pos}: each forward would rotate with its own base. Prefill "
+                         "in one pass from position 0 (chunk >= tokens), or use the static rope_type 'ntk' at the "
+                         "target length")
 
 
 # -----------------------------------------------------------------------------

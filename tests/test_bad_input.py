@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from dope import DopePlan, apply_dope
+from eval_nih import prefill_from
 from model import Config, Tokenizer, Transformer
 from setup_weights import ensure_weights
 
@@ -102,12 +103,14 @@ BAD = [
      TypeError, r"chunk=1\.5"),
     ("prefill empty", lambda c: c.tiny.prefill(torch.zeros(1, 0, dtype=torch.long), c.tiny.new_cache(1, 8)),
      ValueError, r"empty prompt"),
-    ("prefill hidden count", lambda c: c.tiny.prefill(ids(1, 2, 3), c.tiny.new_cache(1, 8), chunk=2, from_layer=1,
-                                                      hidden=[torch.zeros(1, 2, 32)]),
+    ("prefill_from hidden count", lambda c: prefill_from(c.tiny, ids(1, 2, 3), c.tiny.new_cache(1, 8), 2, 1,
+                                                         [torch.zeros(1, 2, 32)]),
      ValueError, r"hidden holds 1 chunk states, but 3 tokens in chunks of 2 make 2"),
-    ("from_layer out of range", lambda c: c.tiny(ids(1), from_layer=5, hidden=torch.zeros(1, 1, 32)), ValueError,
-     r"from_layer=5.*1\.\.2"),
-    ("from_layer without hidden", lambda c: c.tiny(ids(1), from_layer=1), ValueError, r"from_layer=1"),
+    ("prefill_from first out of range", lambda c: prefill_from(c.tiny, ids(1), c.tiny.new_cache(1, 8), 2, 5,
+                                                               [torch.zeros(1, 1, 32)]),
+     ValueError, r"first=5.*1\.\.1"),
+    ("prefill_from first without hidden", lambda c: prefill_from(c.tiny, ids(1), c.tiny.new_cache(1, 8), 2, 1),
+     ValueError, r"first=1"),
     ("cache max_len < 0", lambda c: c.tiny.new_cache(1, -4), ValueError, r"max_len=-4"),
     ("cache max_len float", lambda c: c.tiny.new_cache(1, 4.5), TypeError, r"max_len=4\.5"),
     ("cache full (already)", lambda c: c.tiny(ids(1, 2, 3, 4, 5), cache=c.tiny.new_cache(1, 4)), ValueError,

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from dope import DopePlan, apply_dope, band_dims, by_all, by_parts, gaussian, low_freq_bands, remove_dope
+from eval_nih import prefill_from
 from tiny import hf_tiny, ours
 
 T = 40
@@ -174,15 +175,15 @@ def test_prefix_reuse_equals_full_recomputation(model, idx):
     layer-0 cache gives bit-identical logits to a full DoPE forward, chunked prefill and decode included."""
     plan = DopePlan([(1, 2)], "gaussian")
     taps, base = {1: []}, model.new_cache(1, T)
-    model.prefill(idx[:, :30], base, chunk=16, taps=taps)
+    prefill_from(model, idx[:, :30], base, chunk=16, taps=taps)
     apply_dope(model, plan)
     try:
         full_cache = model.new_cache(1, T)
         want = [model.prefill(idx[:, :30], full_cache, chunk=16)] + [model(idx[:, t:t + 1], cache=full_cache)
                                                                     for t in range(30, T)]
         cache = model.new_cache(1, T)
-        cache.k[0], cache.v[0] = base.k[0], base.v[0]
-        got = [model.prefill(idx[:, :30], cache, chunk=16, from_layer=1, hidden=taps[1])]
+        cache.share(base, 1)
+        got = [prefill_from(model, idx[:, :30], cache, chunk=16, first=1, hidden=taps[1])]
         got += [model(idx[:, t:t + 1], cache=cache) for t in range(30, T)]
     finally:
         remove_dope(model)

@@ -7,6 +7,7 @@ independent complex-number reference and against HF's apply_rotary_pos_emb.
 import math
 import os
 import sys
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -387,12 +388,18 @@ class FakeModel:
         k = (x @ self.wk[layer]).view(1, -1, c.n_kv_head, c.head_dim).transpose(1, 2)
         return q, k
 
-    def __call__(self, tokens, cache, observer=None):
+    @contextmanager
+    def observing(self, observer):
+        self.observer = observer
+        yield
+        self.observer = None
+
+    def __call__(self, tokens, cache):
         t = tokens.shape[1]
         assert cache.pos + t <= cache.max_len
         pos = torch.arange(cache.pos, cache.pos + t)
         for layer in range(self.config.n_layer):
-            observer(layer, *self.qk(tokens, layer), pos)
+            self.observer(layer, *self.qk(tokens, layer), pos)
         cache.pos += t
 
 

@@ -226,7 +226,9 @@ def test_observer_sees_the_q_and_k_model_py_sees_even_with_a_plan(tiny, idx):
         got = seen[name] = []
         try:
             with torch.inference_mode():
-                m(idx, observer=lambda layer, q, k, pos: got.append((layer, q.clone(), k.clone(), pos.clone())))
+                with m.observing(lambda layer, q, k, pos: got.append((layer, q.clone(), k.clone(), pos.clone()))):
+                    m(idx)
+                m(idx)  # outside the block: nothing observed
         finally:
             remove_dope(m)
     assert len(seen["theirs"]) == 2

@@ -100,9 +100,23 @@ def test_generate_greedy_matches_transformers(tmp_path):
 def test_observer_sees_unrotated_q_k(tmp_path):
     m = ours(hf_tiny("llama"), tmp_path)
     seen = []
-    m(torch.randint(0, 97, (1, 9)), observer=lambda layer, q, k, pos: seen.append((layer, q.shape, k.shape, pos)))
+    with m.observing(lambda layer, q, k, pos: seen.append((layer, q.shape, k.shape, pos))):
+        m(torch.randint(0, 97, (1, 9)))
+    m(torch.randint(0, 97, (1, 9)))  # outside the block: nothing observed
     assert [s[0] for s in seen] == [0, 1]
     assert seen[0][1] == (1, 4, 9, 16) and seen[0][2] == (1, 2, 9, 16) and seen[0][3].tolist() == list(range(9))
+
+
+def test_a_chunked_prefill_under_dynamic_ntk_past_native_is_refused(tmp_path):
+    """HF's dynamic NTK takes its base from each forward's length: chunks past the native context would each rotate
+    with their own base, so a chunked prefill there is refused; one pass, or chunks within native, still run."""
+    m = ours(hf_tiny("llama"), tmp_path, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    native, idx = m.config.max_pos, torch.randint(0, 97, (1, m.config.max_pos + 8))
+    with pytest.raises(ValueError, match="dynamic NTK.*own base"):
+        m.prefill(idx, m.new_cache(1, idx.shape[1]), chunk=native)
+    one_pass = m.prefill(idx, m.new_cache(1, idx.shape[1]), chunk=idx.shape[1])
+    torch.testing.assert_close(one_pass, m(idx), atol=0, rtol=0)
+    m.prefill(idx[:, :native], m.new_cache(1, native), chunk=native // 2)  # within native: one base
 
 
 # RoPE invariants (hypothesis) -------------------------------------------------------------------------------------
