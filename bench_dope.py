@@ -22,11 +22,8 @@ import torch
 
 import entropy
 from bench_model import PeakMemory, default_device, default_dtype, device_name, synchronize
-from dope import DopePlan, apply_dope, remove_dope
-from eval_nih import parse_len
-from model import Transformer, read_json
-
-VARIANTS = ("parts", "all", "gaussian")
+from dope import VARIANTS, DopePlan, apply_dope, remove_dope
+from model import Transformer, parse_len, read_json
 
 
 def parse_args(argv=None):

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from eval_nih import parse_len
+from model import parse_len
 
 
 # -----------------------------------------------------------------------------

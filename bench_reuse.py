@@ -22,6 +22,7 @@ import torch
 import eval_nih
 from eval_nih import HeadSetRunner, PromptBuilder, Selector, answer_and_decode, calibrate, identity, methods_for
 from model import Tokenizer
+from setup_weights import ensure_weights
 
 
 def run_grid(model, tok, builder, prompts, methods, reuse, args, stop):
@@ -53,12 +54,9 @@ def main():
     a = p.parse_args()
     args = eval_nih.parse_args(["--len", a.len, "--depths", str(a.depths), "--variant", a.variant, "--order", a.order])
     length = args.len[0]
-    path = eval_nih.DEFAULT_MODEL
-    from setup_weights import ensure_weights
-
-    ensure_weights("smollm2", out=path.parent)
+    path = ensure_weights()  # the packaged default model
     tok = Tokenizer(path)
-    model, factor = eval_nih.load_model(path, length, args)
+    model, factor = eval_nih.load_model(path, length, eval_nih.check_inputs(args).max_pos, args)
     builder = PromptBuilder(tok, eval_nih.FILLER, model.config.bos_token_id)
     stop = eval_nih.stop_tokens(tok, model.config)
     out = eval_nih.PROJECT / "results" / "bench_reuse"

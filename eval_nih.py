@@ -45,11 +45,11 @@ import torch
 import entropy
 import report
 from report import append_record, load_done
-from dope import DopePlan, apply_dope, remove_dope
-from model import Tokenizer, Transformer, check_dynamic_chunks
+from dope import VARIANTS, DopePlan, apply_dope, remove_dope
+from model import Config, Tokenizer, Transformer, check_dynamic_chunks, parse_len, read_json
+from setup_weights import DEFAULT_MODEL_DIR, ensure_weights
 
 PROJECT = Path(__file__).resolve().parent
-DEFAULT_MODEL = PROJECT / "weights" / "SmolLM2-135M-Instruct"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "  # RULER's noise
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
@@ -57,7 +57,6 @@ ANSWER_PREFIX = "The special magic number for {key} mentioned in the provided te
 KEYS = ["the blue whale", "the silent harbor", "the copper kettle", "the northern orchard", "the paper lantern",
         "the winter falcon", "the velvet staircase", "the amber compass", "the hidden meadow", "the iron violin"]
 CALIB_KEY = "the calibration lighthouse"  # never used by a test prompt
-VARIANTS = ("none", "parts", "all", "gaussian")
 REUSE = ("prefix", "layers", "none")
 TAIL_CHUNK = 4096  # a tail meets a cached prefix: its mask is tail x length, so bound it
 
@@ -68,18 +67,6 @@ RULE_NOISY_ALL = dict(k=1, criterion="key/post_ntk", metric="trunc", r=8, order=
 
 # -----------------------------------------------------------------------------
 # 1. Prompts
-
-
-def parse_len(s: str) -> int:
-    """'4k' -> 4096, '16K' -> 16384, '3000' -> 3000 (k = 1024)."""
-    t = s.strip().lower()
-    try:
-        n = int(t[:-1]) * 1024 if t.endswith("k") else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"length {s!r} is not a token count like 4k, 16k, 64k or 3000") from None
-    if n < 256:
-        raise argparse.ArgumentTypeError(f"length {s!r} is too short for a haystack (at least 256 tokens)")
-    return n
 
 
 @dataclass
@@ -584,12 +571,12 @@ def run(args):
         done = load_done(results)
         all_rows = []
         for length in args.len:
-            model, factor = load_model(model_path, length, args)
+            model, factor = load_model(model_path, length, cfg.max_pos, args)
             builder = PromptBuilder(tok, haystack, model.config.bos_token_id, args.needle, args.question,
                                     args.answer_prefix)
             stop = stop_tokens(tok, model.config)
             ident = identity(args, model_fp, haystack, factor)
-            print(f"== {model_path.name} at {length} tokens ({length / cfg['max_pos']:.2f}x native {cfg['max_pos']}), "
+            print(f"== {model_path.name} at {length} tokens ({length / cfg.max_pos:.2f}x native {cfg.max_pos}), "
                   f"{describe_rope(model.config, factor)}, on {args.device} in {args.dtype}")
             for noisy in args.noisy:
                 all_rows += run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, out, results,
@@ -608,11 +595,9 @@ def usage_error(msg: str):
     raise SystemExit(2)
 
 
-def check_inputs(args) -> dict:
+def check_inputs(args) -> Config:
     """What can be checked before any model work, against the model's config: the folder, the flags that count
     heads or ranks, the output folder. Usage errors exit with code 2, naming the flag or file."""
-    from model import Config, read_json
-
     path = Path(args.model)
     if not (path / "config.json").is_file():
         usage_error(f"--model {path}: no config.json there (see weights.md for how to get weights)")
@@ -637,7 +622,7 @@ def check_inputs(args) -> dict:
     probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK | os.X_OK):
         usage_error(f"--out {out}: {probe} is not writable")
-    return dict(max_pos=c.max_pos)
+    return c
 
 
 def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, out, results, done) -> list:
@@ -723,11 +708,8 @@ def run_prompt(runner, model, tok, p: Prompt, need, stop, args):
                       first_layer=runner.sets[m.head_set], tail_tokens=len(p.ids) - start)
 
 
-def load_model(path: Path, length: int, args):
+def load_model(path: Path, length: int, native: int, args):
     """The model with the RoPE scaling of this length: --ntk auto is the paper's static Dynamic NTK to the length."""
-    from model import read_json
-
-    native = read_json(path / "config.json").get("max_position_embeddings", 2048)
     factor = None
     if args.ntk == "auto":
         factor = length / native if length > native else None
@@ -885,13 +867,79 @@ def default_device() -> str:
 
 
 def parse_args(argv=None):
+    """The flags, checked (usage errors exit 2 naming the flag); --order becomes {variant: [orders]}."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    bad = [v for v in a.variant if v not in ("none", *VARIANTS)]
+    if bad:
+        p.error(f"unknown variant(s) {bad}: choose from none, {', '.join(VARIANTS)}")
+    a.variant = ["none"] + [v for v in dict.fromkeys(a.variant) if v != "none"]
+    if a.order is not None:
+        a.order = parse_orders(p, a.order, a.variant[1:])
+    check_flags(p, a)
+    a.dtype = a.dtype or ("float32" if a.device == "cpu" else "bfloat16")
+    a.layer_reuse = a.engine == "model"  # transformers cannot resume a forward at a layer
+    return a
+
+
+def parse_orders(p, items: list, variants: list) -> dict:
+    """--order asc,flat or parts:asc,gaussian:desc -> {variant: [orders]}."""
+    orders = {}
+    for item in items:
+        v, _, o = item.rpartition(":")
+        if o not in (*entropy.ORDERS, "flat") or (v and v not in variants):
+            p.error(f"--order {','.join(items)}: give asc, desc, flat or a list, or VARIANT:ORDER for a variant "
+                    f"of --variant ({', '.join(variants) or 'none given'})")
+        for w in [v] if v else variants:
+            orders.setdefault(w, []).append(o)
+    return {v: list(dict.fromkeys(o)) for v, o in orders.items()}
+
+
+def check_flags(p, a) -> None:
+    """What argparse's types and choices cannot say: ranges, factors, devices, engines and templates."""
+    for name, allowed in (("criterion", entropy.CRITERIA), ("metric", entropy.METRICS), ("order", entropy.ORDERS)):
+        bad = [x for x in getattr(a, f"sweep_{name}") if x not in allowed]
+        if bad:
+            p.error(f"unknown --sweep-{name} {bad}: choose from {', '.join(allowed)}")
+    if a.depths < 1 or a.trials < 1 or min(a.noisy) < 0 or a.chunk < 0 or a.max_new_tokens < 1 or a.random_sets < 0:
+        p.error("--depths, --trials and --max-new-tokens must be >= 1, --noisy, --chunk and --random-sets >= 0")
+    if a.ntk not in ("auto", "none"):
+        try:
+            factor = float(a.ntk)
+        except ValueError:
+            p.error(f"--ntk {a.ntk!r}: give auto, none or a factor > 1 (e.g. 3 for 24K on an 8K model)")
+        if not math.isfinite(factor) or factor <= 1:
+            p.error(f"--ntk {a.ntk!r}: a Dynamic NTK factor must be a finite number > 1 (none: no scaling)")
+    try:
+        torch.device(a.device)
+    except RuntimeError:
+        p.error(f"--device {a.device!r} is not a torch device (cpu, cuda, cuda:0, ...)")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: no CUDA device here (use --device cpu)")
+    if a.engine == "transformers":
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            p.error("--engine transformers needs the transformers package (pip install transformers)")
+        if a.device_map and importlib.util.find_spec("accelerate") is None:
+            p.error("--device-map needs the accelerate package (pip install accelerate)")
+    elif a.device_map:
+        p.error("--device-map goes with --engine transformers")
+    try:
+        check_templates(a.needle, a.question, a.answer_prefix)
+    except ValueError as e:
+        p.error(str(e))
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--len", type=lambda s: [parse_len(x) for x in s.split(",")], default=[parse_len("8k")],
                    help="token length(s), e.g. 4k, 16k, 64k or 3000; comma-separated for several (default 8k)")
     p.add_argument("--variant", type=lambda s: s.split(","), default=["none", "parts"],
                    help="comma-separated from none,parts,all,gaussian; the baseline always runs, first "
                         "(default none,parts)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="an HF Llama/Qwen2 folder (default: packaged SmolLM2)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR),
+                   help="an HF Llama/Qwen2 folder (default: packaged SmolLM2)")
     p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"],
                    help="default float32 on a CPU (the reference), bfloat16 on a GPU")
@@ -948,56 +996,7 @@ def parse_args(argv=None):
     p.add_argument("--summarize", nargs="+", metavar="DIR",
                    help="run nothing: rebuild summary.md and the heatmaps in --out from the results.jsonl of these "
                         "folders (every setting they hold, and all of them pooled)")
-    a = p.parse_args(argv)
-    bad = [v for v in a.variant if v not in VARIANTS]
-    if bad:
-        p.error(f"unknown variant(s) {bad}: choose from {', '.join(VARIANTS)}")
-    a.variant = ["none"] + [v for v in dict.fromkeys(a.variant) if v != "none"]
-    if a.order is not None:
-        orders = {}
-        for item in a.order:
-            v, _, o = item.rpartition(":")
-            if o not in (*entropy.ORDERS, "flat") or (v and v not in a.variant[1:]):
-                p.error(f"--order {','.join(a.order)}: give asc, desc, flat or a list, or VARIANT:ORDER for a variant "
-                        f"of --variant ({', '.join(a.variant[1:]) or 'none given'})")
-            for w in [v] if v else a.variant[1:]:
-                orders.setdefault(w, []).append(o)
-        a.order = {v: list(dict.fromkeys(o)) for v, o in orders.items()}
-    for name, allowed in (("criterion", entropy.CRITERIA), ("metric", entropy.METRICS), ("order", entropy.ORDERS)):
-        bad = [x for x in getattr(a, f"sweep_{name}") if x not in allowed]
-        if bad:
-            p.error(f"unknown --sweep-{name} {bad}: choose from {', '.join(allowed)}")
-    if a.depths < 1 or a.trials < 1 or min(a.noisy) < 0 or a.chunk < 0 or a.max_new_tokens < 1 or a.random_sets < 0:
-        p.error("--depths, --trials and --max-new-tokens must be >= 1, --noisy, --chunk and --random-sets >= 0")
-    if a.ntk not in ("auto", "none"):
-        try:
-            factor = float(a.ntk)
-        except ValueError:
-            p.error(f"--ntk {a.ntk!r}: give auto, none or a factor > 1 (e.g. 3 for 24K on an 8K model)")
-        if not math.isfinite(factor) or factor <= 1:
-            p.error(f"--ntk {a.ntk!r}: a Dynamic NTK factor must be a finite number > 1 (none: no scaling)")
-    try:
-        torch.device(a.device)
-    except RuntimeError:
-        p.error(f"--device {a.device!r} is not a torch device (cpu, cuda, cuda:0, ...)")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {a.device}: no CUDA device here (use --device cpu)")
-    a.dtype = a.dtype or ("float32" if a.device == "cpu" else "bfloat16")
-    a.layer_reuse = a.engine == "model"  # transformers cannot resume a forward at a layer
-    if a.engine == "transformers":
-        import importlib.util
-
-        if importlib.util.find_spec("transformers") is None:
-            p.error("--engine transformers needs the transformers package (pip install transformers)")
-        if a.device_map and importlib.util.find_spec("accelerate") is None:
-            p.error("--device-map needs the accelerate package (pip install accelerate)")
-    elif a.device_map:
-        p.error("--device-map goes with --engine transformers")
-    try:
-        check_templates(a.needle, a.question, a.answer_prefix)
-    except ValueError as e:
-        p.error(str(e))
-    return a
+    return p
 
 
 def main(argv=None):
@@ -1005,10 +1004,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.summarize:
         return report.summarize_dirs(args.summarize, Path(args.out))
-    if Path(args.model).resolve() == DEFAULT_MODEL:
-        from setup_weights import ensure_weights
-
-        ensure_weights("smollm2", out=DEFAULT_MODEL.parent)
+    if Path(args.model).resolve() == DEFAULT_MODEL_DIR:
+        ensure_weights()  # the packaged default model, fetched and converted on first use
     return run(args)
 
 

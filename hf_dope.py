@@ -311,15 +311,7 @@ class HFModel:
                           logits_to_keep=0 if all_logits else 1)
         return out.logits.float()
 
-    @torch.inference_mode()
-    def prefill(self, idx, cache, chunk: int = 2048, progress=None):
-        """Run idx (B, T) into the cache chunk by chunk; returns the last position's logits (B, 1, vocab)."""
-        logits = None
-        for i in range(0, idx.shape[1], chunk):
-            logits = self(idx[:, i:i + chunk], cache=cache)
-            if progress is not None:
-                progress.update(min(chunk, idx.shape[1] - i))
-        return logits
-
-    # Greedy decoding is model.Transformer's loop, which needs only new_cache, prefill and a call with a cache.
+    # The chunked prefill and greedy decoding are model.Transformer's loops, which need only self.config, new_cache
+    # and a call with a cache (its checks of chunk and token ids come with them).
+    prefill = Transformer.prefill
     generate = Transformer.generate

@@ -6,12 +6,14 @@ Read top to bottom: config -> RoPE (pure functions, one per context-extension sc
 
 RoPE is written out explicitly because the DoPE paper (Xiong et al., arXiv 2511.09146) is about it: attention applies
 RoPE from cos/sin tables, and a layer may carry per-head tables (`Attention.head_rope`), which is the seam `dope.py`
-uses to denoise chosen heads without touching this file.
+uses to denoise chosen heads without touching this file. The other seams: `Transformer.observing` shows entropy.py q
+and k before rotation; `rope_at`, `logits` and `KVCache.share` let the experiment resume a forward at a layer.
 
 Module and parameter names follow HF (`q_proj`, `input_layernorm`, ...) so any HF `LlamaForCausalLM` or
 `Qwen2ForCausalLM` safetensors checkpoint loads as is, strictly.
 """
 
+import argparse
 import json
 import math
 from contextlib import contextmanager
@@ -513,6 +515,18 @@ def load_safetensors(path: Path) -> dict:
     return sd
 
 
+def parse_len(s: str) -> int:
+    """'4k' -> 4096, '16K' -> 16384, '3000' -> 3000 (k = 1024)."""
+    t = s.strip().lower()
+    try:
+        n = int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"length {s!r} is not a token count like 4k, 16k, 64k or 3000") from None
+    if n < 256:
+        raise argparse.ArgumentTypeError(f"length {s!r} is too short for a haystack (at least 256 tokens)")
+    return n
+
+
 def read_json(path: Path):
     """A JSON file's contents; a file that is not JSON (or not text) is an error naming it."""
     try:
@@ -605,7 +619,6 @@ class Tokenizer:
 
 
 if __name__ == "__main__":
-    import argparse
     import time
 
     from setup_weights import DEFAULT_MODEL_DIR  # weights/ next to this file, whatever the working directory

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 import eval_nih
-from eval_nih import Method, PromptBuilder, answer_logprob, control_heads, parse_args, parse_len, run, score
+from eval_nih import Method, PromptBuilder, answer_logprob, control_heads, parse_args, run, score
+from model import parse_len
+from setup_weights import DEFAULT_MODEL_DIR
 from model import Tokenizer
 from setup_weights import ensure_weights
 
@@ -433,7 +435,7 @@ def test_an_unwritable_out_folder_is_refused_before_model_work(tmp_path, capsys,
 def test_the_default_model_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a = parse_args([])
-    assert Path(a.model).is_absolute() and Path(a.model) == eval_nih.DEFAULT_MODEL
+    assert Path(a.model).is_absolute() and Path(a.model) == DEFAULT_MODEL_DIR
 
 
 def test_the_two_readings_pick_opposite_ends_of_the_spectral_share():
