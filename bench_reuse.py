@@ -9,7 +9,7 @@ one process, and their answers compared.
 - layers: a DoPE head set starts at its first denoised layer from the baseline's hidden state (per prompt);
 - prefix: on top of that, each head set prefills the shared haystack once and every prompt only its tail.
 
-For each it prints the work in full prefills (eval_nih.plan_work's cost model: matmuls + causal attention) and the
+For each it prints the work in full prefills (budget.plan_work's cost model: matmuls + causal attention) and the
 wall-clock seconds, and checks that every answer equals the from-scratch one (log p to 1e-5).
 """
 
@@ -19,6 +19,7 @@ import time
 
 import torch
 
+import budget
 import eval_nih
 from eval_nih import HeadSetRunner, PromptBuilder, Selector, answer_and_decode, calibrate, identity, methods_for
 from model import Tokenizer
@@ -76,7 +77,7 @@ def main():
     print("| reuse | work (full prefills) | wall-clock s | vs none | answers equal |\n|---|---|---|---|---|")
     base = statistics.median(times["none"])
     for reuse, ts in times.items():
-        work = eval_nih.plan_work(model.config, methods, prompts, length, reuse, args.max_new_tokens + 16)
+        work = budget.plan_work(model.config, methods, prompts, length, reuse, args.max_new_tokens + 16)
         same = all(results[reuse][c]["new"] == o["new"] and abs(results[reuse][c]["logprob"] - o["logprob"]) < 1e-5
                    for c, o in ref.items())
         print(f"| {reuse} | {work:.1f} | {statistics.median(ts):.0f} | {statistics.median(ts) / base:.2f} | "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import budget
 import eval_nih
 from eval_nih import Method, PromptBuilder, answer_logprob, control_heads, parse_args, run, score
 from model import parse_len
@@ -91,7 +92,7 @@ def test_needle_values_are_deterministic_and_distinct():
 
 
 def test_a_length_that_cannot_fit_is_refused_before_running(tmp_path, monkeypatch):
-    monkeypatch.setattr(eval_nih, "available_memory", lambda device: 2 * 2**30)
+    monkeypatch.setattr(budget, "available_memory", lambda device: 2 * 2**30)
     args = parse_args(["--model", str(ensure_weights("smollm2")), "--len", "1000k", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="needs about"):
         run(args)
@@ -273,18 +274,18 @@ def test_the_work_estimate_counts_both_reuses():
     cfg = Config()
     P = [(d, 0, eval_nih.Prompt([0] * 8192, "k", "1", d, int(d * 8000) + 10, d)) for d in (0.0, 0.5, 1.0)]
     base = [Method("none", "none", "baseline")]
-    assert eval_nih.plan_work(cfg, base, P[:1], 8192, "none", 0) == pytest.approx(1.0)
+    assert budget.plan_work(cfg, base, P[:1], 8192, "none", 0) == pytest.approx(1.0)
     late = base + [Method("parts/asc", "parts", "rule", heads=[(15, 0)])]
-    assert eval_nih.plan_work(cfg, late, P[:1], 8192, "layers", 0) == pytest.approx(1.5)
-    assert eval_nih.plan_work(cfg, late, P[:1], 8192, "none", 0) == pytest.approx(2.0)
-    work = {r: eval_nih.plan_work(cfg, late, P, 8192, r, 50) for r in ("prefix", "layers", "none")}
+    assert budget.plan_work(cfg, late, P[:1], 8192, "layers", 0) == pytest.approx(1.5)
+    assert budget.plan_work(cfg, late, P[:1], 8192, "none", 0) == pytest.approx(2.0)
+    work = {r: budget.plan_work(cfg, late, P, 8192, r, 50) for r in ("prefix", "layers", "none")}
     assert work["prefix"] < work["layers"] < work["none"]
 
 
 def test_progress_inside_a_prefill_reaches_one_full_prefill(smol):
     import torch
 
-    with eval_nih.LayerProgress(smol, 600, 1.0, "test") as progress:
+    with budget.LayerProgress(smol, 600, 1.0, "test") as progress:
         smol.prefill(torch.zeros(1, 600, dtype=torch.long), smol.new_cache(1, 600), chunk=200)
         assert progress.bar.n == pytest.approx(1.0)
     assert all(not block._forward_hooks for block in smol.layers)  # the hooks are gone again

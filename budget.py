@@ -1,0 +1,121 @@
+"""
+What a needle-in-a-haystack run costs, before and while it runs: its work in full prefills (a FLOP model: the
+per-token matmuls plus causal attention), whether its caches fit the device, and a progress bar inside prefills.
+eval_nih.py prints the estimate before a run and refuses what would not fit; bench_reuse.py compares the estimate
+with the wall-clock.
+"""
+
+import sys
+
+import torch
+
+TAIL_CHUNK = 4096  # a tail meets a cached prefix: its mask is tail x length, so bound it
+
+
+def first_layer(m, reuse: str, layers: bool = True) -> int:
+    """A DoPE head changes nothing below its layer: a head set can start there (0: the whole forward). layers=False:
+    an engine that cannot resume a forward at a layer (transformers)."""
+    return min(layer for layer, _ in m.heads) if m.heads and reuse != "none" and layers else 0
+
+
+def cost(cfg, start: int, n: int) -> float:
+    """Work of n new tokens after `start` cached ones in one layer, in token units: the per-token matmuls (weights of
+    one layer, 2 flops per weight) plus attention (QK^T and AV over start + i keys, 4 n_head d flops per key), both
+    divided by the attention flops per key."""
+    per_token = 2 * (cfg.n_embd * cfg.head_dim * (2 * cfg.n_head + 2 * cfg.n_kv_head) + 3 * cfg.n_embd * cfg.n_hidden)
+    c0 = per_token / (4 * cfg.n_head * cfg.head_dim)
+    return n * (c0 + start) + n * n / 2
+
+
+def plan_work(cfg, methods, prompts, length, reuse: str, extra: int, layers: bool = True) -> float:
+    """Total work of a setting (the methods and prompts still to run) in full prefills of `length` tokens: each head
+    set's layers from its first denoised one, for the shared prefix once (reuse=prefix) and then every prompt's
+    tail, plus teacher forcing and greedy decoding (at most `extra` tokens each)."""
+    full = cost(cfg, 0, length)
+    sets = {m.head_set: 1 - first_layer(m, reuse, layers) / cfg.n_layer for m in methods}
+    sets.setdefault(("none", ()), 1.0)  # the baseline always runs: the others read its lower layers
+    work = sum(sets.values()) * cost(cfg, 0, max((p.needle_at for _, _, p in prompts), default=0)) \
+        if reuse == "prefix" else 0.0
+    for _, _, p in prompts:
+        start = p.needle_at if reuse == "prefix" else 0
+        work += sum(sets.values()) * cost(cfg, start, length - start)
+        work += len(sets) * 2 * cost(cfg, length, extra)  # decode, one token at a time (an upper bound)
+    return work / full
+
+
+class LayerProgress:
+    """A progress bar inside prefills: forward hooks on the model's blocks advance it by each layer's work
+    (cost()/n_layer, in full prefills), so a 30-minute prefill shows where it is and an ETA."""
+
+    def __init__(self, model, length: int, total: float, desc: str):
+        from tqdm.auto import tqdm
+
+        self.cfg, self.full, self.hooks = model.config, cost(model.config, 0, length), []
+        blocks = model.hf.model.layers if hasattr(model, "hf") else model.layers  # transformers' decoder layers
+        self.bar = tqdm(total=total, desc=desc, unit="prefill", bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} "
+                        "prefills [{elapsed}<{remaining}]", mininterval=2, file=sys.stderr)
+        for block in blocks:
+            self.hooks.append(block.register_forward_hook(self._hook, with_kwargs=True))
+
+    def _hook(self, block, args, kwargs, output):
+        # model.Block(x (B, T, C), cos, sin, pos (T,), ...); a transformers layer(hidden_states, ..., cache_position)
+        x = args[0] if args else kwargs["hidden_states"]
+        pos = args[3] if len(args) > 3 else kwargs.get("cache_position", kwargs.get("position_ids"))
+        if x.shape[1]:
+            start = int(pos.reshape(-1)[0]) if pos is not None else 0
+            self.bar.update(cost(self.cfg, start, x.shape[1]) / self.cfg.n_layer / self.full)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.bar.close()
+
+
+def check_memory(model, methods, length, extra, args):
+    """Refuse a run whose caches and activations would not fit the device: the baseline's KV cache, one per DoPE
+    head set (its layers from the first denoised one; a layer with DoPE heads stores keys and values per query head),
+    the hidden states kept for layer reuse, the prefill's activations and the weights."""
+    need = memory_needed(model.config, methods, length, extra, args)
+    need += sum(p.numel() * p.element_size() for p in getattr(model, "hf", model).parameters())
+    avail = available_memory(args.device)
+    print(f"   memory: about {need / 2**30:.1f} GiB of {avail / 2**30:.1f} GiB available on {args.device}")
+    if need > 0.9 * avail:
+        raise SystemExit(f"error: a {length}-token run with these methods needs about {need / 2**30:.1f} GiB but only "
+                         f"{avail / 2**30:.1f} GiB is available on {args.device}; use a shorter --len, fewer methods "
+                         "or --reuse layers (one DoPE cache at a time)")
+
+
+def memory_needed(c, methods, length, extra, args) -> int:
+    b = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    T = length + extra
+    layer_kv = 2 * c.head_dim * T * b  # keys + values of one head
+    sets = {m.head_set: m for m in methods if m.heads}
+    kv = c.n_layer * c.n_kv_head * layer_kv  # the baseline
+    dope_kv = []
+    for m in sets.values():
+        f = first_layer(m, args.reuse, args.layer_reuse)
+        dope_layers = len({layer for layer, _ in m.heads})
+        dope_kv.append(((c.n_layer - f) * c.n_kv_head + dope_layers * (c.n_head - c.n_kv_head)) * layer_kv)
+    kv += sum(dope_kv) if args.reuse == "prefix" else max(dope_kv, default=0)
+    firsts = {first_layer(m, args.reuse, args.layer_reuse) for m in sets.values()} - {0}
+    taps = 2 * len(firsts) * length * c.n_embd * b  # hidden states of the prefix and of a tail
+    chunk = min(args.chunk or length, length)
+    act = chunk * (3 * c.n_hidden + 8 * c.n_embd + 4 * c.n_head * c.head_dim) * 4  # MLP, residual, q/k/v, tables
+    mask = min(args.chunk or TAIL_CHUNK, length) * T * b  # a tail's chunk x length mask
+    logits = extra * c.vocab_size * 8  # teacher forcing's logits in float64
+    return kv + taps + act + mask + logits
+
+
+def available_memory(device) -> int:
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
