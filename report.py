@@ -111,8 +111,9 @@ def _ival(x, fmt):
     return f"[{lo}, {hi}]"
 
 
-def table(grp: list, title: str, label: str, verdicts: list) -> list:
-    """The markdown table of one group of rows; appends one verdict line per rule to `verdicts`."""
+def table(grp: list, title: str, label: str) -> tuple[list, list]:
+    """The markdown table of one group of rows, and one verdict line per rule."""
+    verdicts = []
     lines = ["", f"### {title}", "",
              "| method | role | heads | correct | accuracy [95% CI] | mean log p | vs baseline: accuracy [95% CI] "
              "(b/c) | vs baseline: median log p [95% CI] (-/+) | vs random0: accuracy [95% CI] | "
@@ -164,7 +165,7 @@ def table(grp: list, title: str, label: str, verdicts: list) -> list:
             verdicts.append(v)
     lines += spread(by)
     lines += timing(grp)
-    return lines
+    return lines, verdicts
 
 
 def spread(by: dict) -> list:
@@ -207,12 +208,14 @@ def summarize(rows: list, out: Path) -> list:
         n_prompts = len({(r["depth"], r["trial"]) for r in grp})
         title = (f"{grp[0]['model']}, {L} tokens{_multiple(grp[0])}, noisy={noisy}: {n_prompts} prompts "
                  f"({len({r['depth'] for r in grp})} depths x {len({r['trial'] for r in grp})} needles)")
-        lines += table(grp, title, f"{L} tokens, noisy={noisy}", verdicts)
+        more, said = table(grp, title, f"{L} tokens, noisy={noisy}")
+        lines, verdicts = lines + more, verdicts + said
     if len(groups) > 1:
         title = (f"{rows[0]['model']}, pooled over {len(groups)} settings "
                  f"({', '.join(f'{L}/noisy={n}' for L, n in groups)}): "
                  f"{len({_prompt(r) for r in rows})} prompts; each method is each setting's own rule")
-        lines += table(rows, title, "pooled", verdicts)
+        more, said = table(rows, title, "pooled")
+        lines, verdicts = lines + more, verdicts + said
     lines += ["", "Verdicts. " + RULES, ""] + [f"- {v}" for v in verdicts]
     text = "\n".join(lines)
     print(text)
