@@ -12,8 +12,8 @@ For each length and noise setting (the story of this file, top to bottom):
   2. calibration: score every (layer, head) on a calibration prompt of the target length with its own needle (never
      a test prompt) and keep the spectra of the six criteria; each rule picks its heads from them.
   3. methods: the baseline, each DoPE variant with its rule's heads (with --order asc,flat both readings of the rule:
-     the spikiest, low-entropy heads or the flattest, highest-rank ones lose their position), and fixed random-head controls
-     (seeded per setting, never a rule's head).
+     the spikiest, low-entropy heads or the flattest, highest-rank ones lose their position), and fixed random-head
+     controls (seeded per setting, never a rule's head).
   4. the run: the tokens before a needle are the same for every prompt of the setting, so each head set prefills the
      haystack once and every prompt only its tail (exact shared-prefix reuse); a DoPE head set also starts at its
      first denoised layer from the baseline's hidden state (exact layer reuse). Greedy answers stop at a newline and
