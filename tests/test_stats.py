@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 
 import math
 
-from stats import median_interval, newcombe_paired, paired, paired_median, sign_test, wilson
+from stats import median_interval, median_shift, newcombe_paired, paired, paired_median, sign_test, wilson
 
 
 def test_wilson_known_values():
@@ -83,6 +83,23 @@ def test_median_interval_excludes_zero_exactly_when_the_sign_test_rejects(diffs)
     assert r["lo"] <= r["diff"] <= r["hi"]
     if r["neg"] + r["pos"] == len(diffs):  # exact zeros are dropped by the test and can sit at an interval's end
         assert (r["lo"] > 0 or r["hi"] < 0) == (r["p"] <= 0.05)
+
+
+@given(st.lists(st.sampled_from([-2.5, -1.0, -0.25, 0.0, 0.5, 3.0]), min_size=1, max_size=60))
+def test_median_shift_from_counts_is_the_interval_rule(diffs):
+    """A summary that kept only sign counts is judged exactly as its per-prompt values would be (zeros included)."""
+    r = paired_median([0.0] * len(diffs), diffs)
+    want = "higher" if r["lo"] > 0 else "lower" if r["hi"] < 0 else "unchanged"
+    assert median_shift(r["neg"], r["pos"], len(diffs)) == want
+
+
+def test_median_shift_known_counts_and_bad_counts():
+    assert median_shift(23, 4, 27) == "lower"  # sign test p = 0.0003
+    assert median_shift(9, 2, 11) == "unchanged"  # p = 0.065
+    assert median_shift(0, 5, 5) == "unchanged"  # below 6 values no interval excludes anything
+    assert median_shift(0, 6, 6) == "higher"
+    with pytest.raises(ValueError, match="sign counts"):
+        median_shift(5, 3, 7)
 
 
 def test_paired_median_reports_median_mean_and_signs():
