@@ -440,7 +440,8 @@ class Transformer(nn.Module):
             if tok in stop_tokens:
                 break
             out.append(tok)
-            logits = self(nxt, cache=cache)
+            if len(out) < max_new_tokens:  # the last token's logits would go unused
+                logits = self(nxt, cache=cache)
         return out
 
     @classmethod
