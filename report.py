@@ -273,36 +273,51 @@ def plot_heatmap(rows, path, noisy):
 
 
 def plot_by_multiple(per_setting, path):
-    """Accuracy and mean answer log-probability against the context multiple (length / native), one line per method
-    and noise setting, from counts (earlier settings included); random head sets are pooled into one line per
-    variant."""
+    """Accuracy and mean answer log-probability against the context multiple (length / native), from counts
+    (earlier settings included): a row of panels per noise setting, one colour per variant and reading of the rule
+    (the same in every panel), a rule solid and its variant's random head sets dotted, pooled into one line; the
+    number of prompts under each point."""
     from matplotlib.figure import Figure
 
     def label(c):
         return f"{c['variant']}/random" if c["role"] == "random" else c["method"]
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax_acc, ax_lp = fig.subplots(1, 2)
-    for noisy in sorted({c["noisy"] > 0 for c in per_setting}):
+    names = list(dict.fromkeys(label(c) for c in per_setting if c["role"] != "sweep"))
+    rules = [n for n in names if not n.endswith("/random") and n != "none"]
+    colour = {"none": "black"} | {n: f"C{i}" for i, n in enumerate(rules)}
+    for n in names:  # a control takes the colour of its variant's first rule
+        colour.setdefault(n, next((colour[r] for r in rules if r.split("/")[0] == n.split("/")[0]), "grey"))
+    settings = sorted({c["noisy"] > 0 for c in per_setting})
+    xs_all = sorted({_times(c) for c in per_setting})
+    fig = Figure(figsize=(11, 3.6 * len(settings)), layout="constrained")
+    axes = fig.subplots(len(settings), 2, squeeze=False)
+    for (ax_acc, ax_lp), noisy in zip(axes, settings):
         mine = [c for c in per_setting if (c["noisy"] > 0) == noisy and c["role"] != "sweep"]
-        for name in dict.fromkeys(label(c) for c in mine):
+        for name in names:
             pts = {}
             for c in mine:
                 if label(c) == name:
                     pts.setdefault(_times(c), []).append(c)
+            if not pts:
+                continue
             xs = sorted(pts)
             n = [sum(c["n"] for c in pts[x]) for x in xs]
             acc = [100 * sum(c["correct"] for c in pts[x]) / k for x, k in zip(xs, n)]
             lp = [sum(c["logprob"] * c["n"] for c in pts[x]) / k for x, k in zip(xs, n)]
-            style = "--" if noisy else "-"
-            tag = f"{'baseline' if name == 'none' else name}{' noisy' if noisy else ''}"
-            ax_acc.plot(xs, acc, style, marker="o", label=tag)
-            ax_lp.plot(xs, lp, style, marker="o", label=tag)
-    for ax, what in ((ax_acc, "accuracy (%)"), (ax_lp, "mean log p of the answer")):
-        ax.set_xlabel("context / native context")
-        ax.set_ylabel(what)
-        ax.grid(alpha=0.3)
-    ax_lp.legend(fontsize=7, loc="best")
+            style = dict(color=colour[name], marker="o", ms=4, label="baseline" if name == "none" else name,
+                         ls=":" if name.endswith("/random") else "-", lw=2.2 if name == "none" else 1.4)
+            ax_acc.plot(xs, acc, **style)
+            ax_lp.plot(xs, lp, **style)
+        prompts = {x: max((c["n"] for c in mine if _times(c) == x and c["method"] == "none"), default=0)
+                   for x in xs_all}
+        for ax, what in ((ax_acc, "accuracy (%)"), (ax_lp, "mean log p of the answer")):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs_all, [f"{x:g}x\n{prompts[x]} prompts" if prompts[x] else f"{x:g}x" for x in xs_all])
+            ax.minorticks_off()
+            ax.set_ylabel(what)
+            ax.set_title(f"{'noisy' if noisy else 'original'} needle, by context / native context", fontsize=9)
+            ax.grid(alpha=0.3)
+        ax_lp.legend(fontsize=7, loc="best")
     fig.suptitle(f"{per_setting[0]['model']}: needle in a haystack against the context multiple")
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
