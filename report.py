@@ -458,9 +458,9 @@ def _judged(c: dict, key: str) -> str:
 def multiple_table(per_setting: list) -> list:
     """The verdicts by context multiple: one row per setting and one pooling the settings of a multiple, a column
     per rule, the paper's Table 1 beside them."""
-    rules = list(dict.fromkeys(c["method"] for c in per_setting if c["role"] == "rule"))
-    last = {c["method"] for c in per_setting if _times(c) == max(map(_times, per_setting))}
-    rules.sort(key=lambda m: m not in last)  # the rules of the longest context first, then the others
+    top = max(map(_times, per_setting))  # the rules of the longest context first, in their order, then the others
+    rules = list(dict.fromkeys([c["method"] for c in per_setting if c["role"] == "rule" and _times(c) == top] +
+                               [c["method"] for c in per_setting if c["role"] == "rule"]))
     settings = {}
     for c in per_setting:
         settings.setdefault((_times(c), c["noisy"], c["length"]), {})[c["method"]] = c
