@@ -1,6 +1,7 @@
 """
-Eager RoPE (model.rope_qk), torch.compile of it, and the fused Triton kernel (kernels.py), on a GPU, at long context: B = 1, 32 query /
-8 KV heads, d = 128 (LLaMA-3-8B's attention), T = 4K .. 64K, bf16 and fp16, plain RoPE and a DoPE plan on a few heads.
+Eager RoPE (model.rope_qk), torch.compile of it, and the fused Triton kernel (kernels.py), on a GPU, at long context:
+B = 1, 32 query / 8 KV heads, d = 128 (LLaMA-3-8B's attention), T = 4K .. 64K, bf16 and fp16, plain RoPE and a DoPE
+plan on a few heads.
 
 RoPE is memory bound: the least it can do is read q and k and write them back once (plus the cos/sin tables if it
 reads them), so the device's peak DRAM bandwidth is its physical limit. launch_bytes() models those bytes for each
@@ -217,8 +218,8 @@ def main(argv=None):
     gpus = list(PUBLISHED_BW)
     cols = (f"{'dtype':>5} {'T':>6} {'plan':>8} | {'eager ms':>9} {'tab ms':>8} {'freq ms':>8} {'compile ms':>10} | "
             + " ".join(f"{g.split()[0] + ' model':>11}" for g in gpus) + f" | {'x tab':>6} "
-            f"{'x freq':>6} {'x compile':>9} | {'eager GB/s':>10} {'tab GB/s':>9} {'freq GB/s':>9} | {'tab %pk':>7} {'freq %pk':>8} "
-            f"| {'max err':>8}")
+            f"{'x freq':>6} {'x compile':>9} | {'eager GB/s':>10} {'tab GB/s':>9} {'freq GB/s':>9} | "
+            f"{'tab %pk':>7} {'freq %pk':>8} | {'max err':>8}")
     print(cols)
     print("-" * len(cols))
     ok = True
@@ -238,7 +239,8 @@ def main(argv=None):
                 ok &= err <= TOL[dtype]
                 bw = [f"{g:.0f}" if g >= 100 else f"{g:.3g}" for g in gbps]
                 print(f"{dn:>5} {T:>6} {plan_name:>8} | {me:>9.3f} {mt:>8.3f} {mf:>8.3f} {mc:>10.3f} | {model} | "
-                      f"{me / mt:>6.2f} {me / mf:>6.2f} {me / mc:>9.2f} | {bw[0]:>10} {bw[1]:>9} {bw[2]:>9} | {pct[0]:>7} {pct[1]:>8} | {err:>8.1e}")
+                      f"{me / mt:>6.2f} {me / mf:>6.2f} {me / mc:>9.2f} | {bw[0]:>10} {bw[1]:>9} {bw[2]:>9} | "
+                      f"{pct[0]:>7} {pct[1]:>8} | {err:>8.1e}")
     if not ok:
         print("fused and eager results differ beyond the tests' tolerances", file=sys.stderr)
         return 1

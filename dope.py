@@ -208,9 +208,9 @@ def apply_dope(model, plan: DopePlan, inv_freq: torch.Tensor | None = None):
     if plan.variant == "parts":
         kind = (model.config.rope_scaling or {}).get("rope_type", (model.config.rope_scaling or {}).get("type"))
         if kind == "dynamic" and inv_freq is None:
-            raise ValueError("by-parts under HF's dynamic NTK scaling: the base, and so the low-frequency bands, change "
-                             "with the current length; use the static form (rope_type 'ntk', the paper's) or pass the "
-                             "inv_freq of the length you run at")
+            raise ValueError("by-parts under HF's dynamic NTK scaling: the base, and so the low-frequency bands, "
+                             "change with the current length; use the static form (rope_type 'ntk', the paper's) or "
+                             "pass the inv_freq of the length you run at")
         inv_freq = model.rope_inv_freq() if inv_freq is None else inv_freq  # the scaled base in use (v2 Eq. 14)
         plan.bands = low_freq_bands(inv_freq, plan.native_len or model.config.max_pos)
     remove_dope(model)

@@ -95,7 +95,8 @@ class PromptBuilder:
         if len(self.unit) < 8:
             raise ValueError("the haystack text is too short (fewer than 8 tokens)")
         # sentence boundaries: positions right after a token that ends a sentence
-        self.unit_bounds = [i + 1 for i, t in enumerate(self.unit) if tok.decode([t]).rstrip().endswith((".", "!", "?"))]
+        self.unit_bounds = [i + 1 for i, t in enumerate(self.unit)
+                            if tok.decode([t]).rstrip().endswith((".", "!", "?"))]
         self.head = self._split(CALIB_KEY)[0]
 
     def _split(self, key):
@@ -309,7 +310,8 @@ class Selector:
 
 def sweep_rules(args):
     return [dict(k=k, criterion=c, metric=m, r=r, order=o) for c in args.sweep_criterion for m in args.sweep_metric
-            for r in (args.sweep_r if m in ("trunc", "renorm") else [1]) for k in args.sweep_k for o in args.sweep_order]
+            for r in (args.sweep_r if m in ("trunc", "renorm") else [1])
+            for k in args.sweep_k for o in args.sweep_order]
 
 
 def methods_for(sel: Selector, args, n_layer: int, n_head: int, length: int, noisy: int) -> list:

@@ -64,8 +64,9 @@ def steps(work="results/gpu_check", python=None):
              "head scores and the heads they select, greedy tokens under DoPE, dope.gaussian's draws",
              [py, "gpu_check.py", "--step", "parity", "--json", str(w / "parity.json")], 90,
              files={"parity": str(w / "parity.json")}),
-        Step("bench_rope", "eager RoPE, torch.compile of it and the fused kernel at 8K to 64K tokens, bf16 (LLaMA-3-8B's "
-             "attention shape)", [py, "bench_rope.py", "--seq-lens", "8192,16384,32768,65536", "--dtypes", "bf16"], 90),
+        Step("bench_rope", "eager RoPE, torch.compile of it and the fused kernel at 8K to 64K tokens, bf16 "
+             "(LLaMA-3-8B's attention shape)",
+             [py, "bench_rope.py", "--seq-lens", "8192,16384,32768,65536", "--dtypes", "bf16"], 90),
         Step("prefill_64k", "a 64K-token prefill of SmolLM2: plain, the scoring pass, and DoPE by-parts / by-all / "
              "by-Gaussian on 5 heads (time, peak GPU memory)",
              [py, "bench_dope.py", "--device", "cuda", "--lens", "64k", "--repeats", "3",

@@ -72,7 +72,8 @@ class Config:
             rope_theta=float(theta), rope_scaling=scaling, max_pos=d.get("max_position_embeddings", 2048),
             qkv_bias=arch == "qwen2" or d.get("attention_bias", False), o_bias=d.get("attention_bias", False),
             mlp_bias=d.get("mlp_bias", False), tie_embeddings=d.get("tie_word_embeddings", False),
-            bos_token_id=d.get("bos_token_id"), eos_token_ids=eos if isinstance(eos, list) else [eos] if eos is not None else [],
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos if isinstance(eos, list) else [eos] if eos is not None else [],
         )
 
 
@@ -589,7 +590,8 @@ class Tokenizer:
         self.config = read_json(tc) if tc.is_file() else {}
         if not isinstance(self.config, dict):
             raise ValueError(f"{tc} holds a {type(self.config).__name__}, not a JSON object")
-        self.bos_token, self.eos_token = self._str(self.config.get("bos_token")), self._str(self.config.get("eos_token"))
+        self.bos_token = self._str(self.config.get("bos_token"))
+        self.eos_token = self._str(self.config.get("eos_token"))
         self.eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
 
     @staticmethod

@@ -143,7 +143,8 @@ def table(grp: list, title: str, label: str) -> tuple[list, list]:
         if n != "none" and common:
             vs_base = paired([by["none"][i]["score"] for i in common], [cells[i]["score"] for i in common])
             lp = paired_median([by["none"][i]["logprob"] for i in common], [cells[i]["logprob"] for i in common])
-            row += [f"{_pct(vs_base['diff'])} [{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}] ({vs_base['b']}/{vs_base['c']})",
+            row += [f"{_pct(vs_base['diff'])} [{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}] "
+                    f"({vs_base['b']}/{vs_base['c']})",
                     f"{lp['diff']:+.3f} {_ival(lp, '+.3f')} ({lp['neg']}-/{lp['pos']}+)"]
         else:
             row += ["", ""]
@@ -228,8 +229,8 @@ def summarize(rows: list, out: Path, earlier: list | None = None) -> list:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text.lstrip() + "\n")
     for noisy in sorted({r["noisy"] for r in rows}):
-        plot_heatmap([r for r in rows if r["noisy"] == noisy and r["role"] != "sweep"], out / f"heatmap_noisy{noisy}.png",
-                     noisy)
+        plot_heatmap([r for r in rows if r["noisy"] == noisy and r["role"] != "sweep"],
+                     out / f"heatmap_noisy{noisy}.png", noisy)
     if multiples:
         plot_by_multiple(per_setting, out / "by_multiple.png")
     return verdicts

@@ -86,7 +86,8 @@ def test_llama_cpp_permuted_qk_fails_parity():
     sd = {k: v.clone() for k, v in ours.state_dict().items()}
     c = ours.config
     for i in range(c.n_layer):
-        sd[f"layers.{i}.self_attn.q_proj.weight"] = permute_llama_qk(sd[f"layers.{i}.self_attn.q_proj.weight"], c.n_head)
+        sd[f"layers.{i}.self_attn.q_proj.weight"] = permute_llama_qk(sd[f"layers.{i}.self_attn.q_proj.weight"],
+                                                                     c.n_head)
         sd[f"layers.{i}.self_attn.k_proj.weight"] = permute_llama_qk(sd[f"layers.{i}.self_attn.k_proj.weight"],
                                                                      c.n_kv_head)
     bad = Transformer(c)

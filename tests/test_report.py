@@ -37,7 +37,8 @@ def test_verdicts_follow_the_declared_intervals(tmp_path):
     assert "DoPE parts/asc: no difference" in verdicts[1]  # one prompt more is noise
     assert "DoPE gaussian/asc: harm" in verdicts[2]
     assert all("log p of the answer unchanged" in v for v in verdicts)  # every log p was -1.0
-    lower = rows_for({"none": base, "all/asc": base}, {"none": [-1.0] * n, "all/asc": [-1.5 + i / 1000 for i in range(n)]})
+    lower = rows_for({"none": base, "all/asc": base},
+                     {"none": [-1.0] * n, "all/asc": [-1.5 + i / 1000 for i in range(n)]})
     assert "log p of the answer lower" in report.summarize(lower, tmp_path)[0]
 
     # a gain that the random control matches is not a gain of the entropy rule

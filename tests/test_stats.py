@@ -55,7 +55,8 @@ def test_newcombe_paired_contains_the_estimate_and_flips_with_the_roles(a, b, c,
 def test_paired_counts_discordant_prompts_only():
     r = paired([1, 1, 0, 0, 1], [1, 0, 1, 1, 1])
     assert r == {"diff": pytest.approx(0.2), "b": 1, "c": 2, "p": pytest.approx(1.0),
-                 "lo": pytest.approx(newcombe_paired(2, 1, 2, 0)[0]), "hi": pytest.approx(newcombe_paired(2, 1, 2, 0)[1])}
+                 "lo": pytest.approx(newcombe_paired(2, 1, 2, 0)[0]),
+                 "hi": pytest.approx(newcombe_paired(2, 1, 2, 0)[1])}
     assert r["lo"] < 0 < r["hi"]  # 2 against 1 discordant prompts is no evidence
     with pytest.raises(ValueError, match="0/1"):
         paired([0.5], [1])
