@@ -403,7 +403,8 @@ def earlier_counts(path, native: int) -> list:
             setting[4].append([x.strip() for x in line.strip().strip("|").split("|")])
     flush()
     if not out:
-        raise SystemExit(f"error: {path} holds no per-setting table of an eval_nih.py summary")
+        raise SystemExit(f"error: {path} holds no per-setting table in the format of commit b671c0d's summary.md "
+                         "(for results of this version, give their folder to --summarize)")
     return out
 
 

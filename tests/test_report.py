@@ -124,7 +124,7 @@ def test_earlier_summary_read_back_as_counts_pools_to_its_own_pooled_row():
     assert "ctrl_signs" not in parts  # that summary printed no sign counts against the control
     lo, hi = report.newcombe_paired(*parts["base"])
     assert (round(100 * lo, 1), round(100 * hi, 1)) == (-21.1, 5.6)  # the pooled row's printed interval
-    with pytest.raises(SystemExit, match="no per-setting table"):
+    with pytest.raises(SystemExit, match="no per-setting table in the format of commit b671c0d"):
         report.earlier_counts(Path(__file__), 8192)
 
 
@@ -155,3 +155,10 @@ def test_earlier_settings_of_another_model_are_refused(tmp_path):
     earlier = Path(__file__).resolve().parents[1] / "docs" / "results" / "summary.md"
     with pytest.raises(SystemExit, match="is about SmolLM2-135M-Instruct, the results about m"):
         report.summarize_dirs([str(tmp_path / "a")], tmp_path / "sum", earlier)
+
+
+def test_a_summary_of_this_version_is_not_read_as_an_earlier_one(tmp_path):
+    rows = rows_for({"none": [1, 0], "parts/asc": [1, 1]}, length=24576)
+    report.summarize(rows, tmp_path)
+    with pytest.raises(SystemExit, match="give their folder to --summarize"):
+        report.earlier_counts(tmp_path / "summary.md", 8192)
