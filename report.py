@@ -18,7 +18,7 @@ import statistics
 import warnings
 from pathlib import Path
 
-from stats import median_shift, newcombe_paired, paired, paired_median, wilson
+from stats import median_shift, newcombe_paired, paired, paired_median, paired_table, wilson
 
 RULES = ("Decision rules: an accuracy difference counts when Newcombe's paired 95% interval excludes 0; a "
          "log-probability shift counts when the exact 95% interval of the median paired difference (the sign test's "
@@ -340,23 +340,10 @@ def _times(c):
     return round(c["length"] / c["native"], 2)
 
 
-def _pair_table(base: list, method: list) -> tuple:
-    """(a, b, c, d) of two 0/1 score lists on the same prompts: both right, baseline only, method only, both wrong."""
-    a = sum(1 for x, y in zip(base, method) if x and y)
-    b = sum(1 for x, y in zip(base, method) if x and not y)
-    c = sum(1 for x, y in zip(base, method) if y and not x)
-    return a, b, c, len(base) - a - b - c
-
-
-def _signs(base: list, method: list) -> tuple:
-    d = [y - x for x, y in zip(base, method)]
-    return sum(v < 0 for v in d), sum(v > 0 for v in d), len(d)
-
-
 def counts(grp: list) -> list:
     """One setting's records as counts, one dict per method: n, correct, the mean answer log p, and for every method
     but the baseline the paired 2x2 table against the baseline ("base": a, b, c, d) and the sign counts of its log-p
-    differences ("signs": negative, positive, n); for a rule the same against its random control ("ctrl",
+    differences ("base_signs": negative, positive, n); for a rule the same against its random control ("ctrl",
     "ctrl_signs"). Both decision rules are functions of these counts alone (stats.newcombe_paired,
     stats.median_shift), so settings whose per-prompt records were not kept are judged the same way."""
     names = list(dict.fromkeys(r["method"] for r in grp))
@@ -371,9 +358,9 @@ def counts(grp: list) -> list:
                            ("ctrl", control_of(by, first["variant"]) if first["role"] in ("rule", "sweep") else None)):
             if other in by:
                 common = sorted(set(cells) & set(by[other]))
-                c[key] = _pair_table([by[other][i]["score"] for i in common], [cells[i]["score"] for i in common])
-                c[f"{key}_signs"] = _signs([by[other][i]["logprob"] for i in common],
-                                           [cells[i]["logprob"] for i in common])
+                c[key] = paired_table([by[other][i]["score"] for i in common], [cells[i]["score"] for i in common])
+                lp = paired_median([by[other][i]["logprob"] for i in common], [cells[i]["logprob"] for i in common])
+                c[f"{key}_signs"] = (lp["neg"], lp["pos"], len(common))
         out.append(c)
     return out
 
@@ -395,9 +382,9 @@ def earlier_counts(path, native: int) -> list:
             out.extend(_earlier_setting(*setting))
 
     for line in text.splitlines():
-        m = re.match(r"### (.+?), (\d+) tokens, noisy=(\d+): ", line)
         if line.startswith("### "):
             flush()
+            m = re.match(r"### (.+?), (\d+) tokens, noisy=(\d+): ", line)
             setting = (m[1], int(m[2]), int(m[3]), native, []) if m else None
         elif setting and line.startswith("| ") and not line.startswith(("| method", "|---")):
             setting[4].append([x.strip() for x in line.strip().strip("|").split("|")])
@@ -449,7 +436,8 @@ def _pool(cs: list) -> dict:
 
 
 def _judged(c: dict, key: str) -> str:
-    """'=' / '+' / '-' for accuracy (Newcombe's interval), then ' = ' / ' ↑' / ' ↓' for log p (the median's)."""
+    """'+' / '−' / '=' for accuracy (Newcombe's interval), then, where sign counts exist, '↑' / '↓' / '=' for the
+    answer's log p (stats.median_shift)."""
     lo, hi = newcombe_paired(*c[key])
     acc = "+" if lo > 0 else "−" if hi < 0 else "="
     if f"{key}_signs" not in c:

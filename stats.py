@@ -8,7 +8,8 @@ needs intervals, and a method compared with the baseline on the same prompts nee
   is a fair coin, so p = P(Binomial(b + c, 1/2) at least as far from (b + c) / 2 as observed).
 - newcombe_paired(a, b, c, d): a 95% interval for the difference of two paired proportions (Newcombe 1998, Stat. Med.
   17:2635, method 10: Wilson intervals of the two margins, combined with their estimated correlation).
-- paired(base, method): all of the above for two lists of 0/1 scores on the same prompts.
+- paired_table(base, method) / paired(base, method): the 2x2 table, and all of the above, for two lists of 0/1
+  scores on the same prompts.
 - median_interval(x) / paired_median(base, method): the exact, distribution-free 95% interval of a median (of the
   paired differences) from order statistics, the inversion of the sign test: it excludes 0 exactly when the sign
   test rejects at 5%, so an interval and a p-value can never disagree (ties at exactly 0 count for no shift).
@@ -63,17 +64,24 @@ def newcombe_paired(a: int, b: int, c: int, d: int, z: float = 1.959964) -> tupl
     return max(-1.0, lo), min(1.0, hi)
 
 
-def paired(base: list, method: list) -> dict:
-    """Compare two lists of 0/1 scores on the same prompts: accuracy difference (method - baseline) with its 95%
-    interval, discordant counts b (baseline only) and c (method only), and the sign-test p-value."""
+def paired_table(base: list, method: list) -> tuple[int, int, int, int]:
+    """The paired 2x2 table (a, b, c, d) of two lists of 0/1 scores on the same prompts: both right, only the
+    baseline right, only the method right, both wrong."""
     if len(base) != len(method) or not base:
         raise ValueError(f"paired scores need two equal, non-empty lists, got {len(base)} and {len(method)}")
     if any(x not in (0, 1) for x in (*base, *method)):
-        raise ValueError("paired() takes 0/1 scores; use paired_mean() for a continuous measure")
+        raise ValueError("paired() takes 0/1 scores; use paired_median() for a continuous measure")
     a = sum(1 for x, y in zip(base, method) if x and y)
     b = sum(1 for x, y in zip(base, method) if x and not y)  # baseline right, method wrong
     c = sum(1 for x, y in zip(base, method) if y and not x)  # method right, baseline wrong
-    lo, hi = newcombe_paired(a, b, c, len(base) - a - b - c)
+    return a, b, c, len(base) - a - b - c
+
+
+def paired(base: list, method: list) -> dict:
+    """Compare two lists of 0/1 scores on the same prompts: accuracy difference (method - baseline) with its 95%
+    interval, discordant counts b (baseline only) and c (method only), and the sign-test p-value."""
+    a, b, c, d = paired_table(base, method)
+    lo, hi = newcombe_paired(a, b, c, d)
     return {"diff": (c - b) / len(base), "lo": lo, "hi": hi, "b": b, "c": c, "p": sign_test(b, c)}
 
 
