@@ -104,7 +104,7 @@ def main(argv=None):
         rows.append({"tokens": T, "heads": heads, "median_s": med, "times_s": times,
                      "ratio": {k: v / med["plain"] for k, v in med.items()},
                      "peak_mb": {k: v / 2**20 for k, v in peaks.items()}})
-        del model
+        model = runs = None  # free the weights (the closures hold them) before the next length's
     print(f"ratio = time / plain prefill time. DoPE heads (random, k = {a.k}): the cost does not depend on which.")
     where = "allocated on the GPU" if mem.device.type == "cuda" else \
         "resident, of the process" + ("" if mem.per_run else " (since it started: this system cannot reset it)")
