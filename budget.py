@@ -27,15 +27,16 @@ def cost(cfg, start: int, n: int) -> float:
     return n * (c0 + start) + n * n / 2
 
 
-def plan_work(cfg, methods, prompts, length, reuse: str, extra: int, layers: bool = True) -> float:
+def plan_work(cfg, methods, prompts, length, reuse: str, extra: int, layers: bool = True, stored=()) -> float:
     """Total work of a setting (the methods and prompts still to run) in full prefills of `length` tokens: each head
-    set's layers from its first denoised one, for the shared prefix once (reuse=prefix) and then every prompt's
-    tail, plus teacher forcing and greedy decoding (at most `extra` tokens each)."""
+    set's layers from its first denoised one, for the shared prefix once (reuse=prefix; not for the head sets in
+    `stored`, whose prefix is loaded from disk) and then every prompt's tail, plus teacher forcing and greedy
+    decoding (at most `extra` tokens each)."""
     full = cost(cfg, 0, length)
     sets = {m.head_set: 1 - first_layer(m, reuse, layers) / cfg.n_layer for m in methods}
     sets.setdefault(("none", ()), 1.0)  # the baseline always runs: the others read its lower layers
-    work = sum(sets.values()) * cost(cfg, 0, max((p.needle_at for _, _, p in prompts), default=0)) \
-        if reuse == "prefix" else 0.0
+    work = sum(v for s, v in sets.items() if s not in stored) * \
+        cost(cfg, 0, max((p.needle_at for _, _, p in prompts), default=0)) if reuse == "prefix" else 0.0
     for _, _, p in prompts:
         start = p.needle_at if reuse == "prefix" else 0
         work += sum(sets.values()) * cost(cfg, start, length - start)

@@ -19,7 +19,8 @@ For each length and noise setting (the story of this file, top to bottom):
      first denoised layer from the baseline's hidden state (exact layer reuse). Greedy answers stop at a newline and
      are scored by exact match of the needle's number (RULER's string match); the teacher-forced log-probability of
      the right answer is recorded too. One JSON record per (prompt, method) is appended to results.jsonl as soon as
-     it is known, so a run interrupted on one machine resumes on another from the committed file.
+     it is known, so a run interrupted on one machine resumes on another from the committed file (and on the same
+     machine also from its shared prefixes, saved in OUT/prefix-cache until the setting is complete).
   5. report.py turns the records into tables with 95% intervals, verdicts and heatmaps (summary.md).
 
 The default rule (query, post_ntk, truncated entropy r = 1, 5 heads, ascending) is the paper's best original-64K row;
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -447,13 +449,28 @@ class HeadSetRunner:
             self.caches[head_set] = cache
         return self.caches[head_set]
 
-    def prefix(self, stream: list, wanted):
-        """Prefill the shared stream into the baseline's cache and each wanted head set's."""
-        taps = {f: [] for f in {self.sets[s] for s in wanted} if f > 0}
-        self._prefill(self.base_key, stream, self._cache(self.base_key), taps=taps)
-        for s in wanted:
-            if s != self.base_key:
-                self._prefill(s, stream, self._cache(s), hidden=taps)
+    def prefix(self, stream: list, wanted, store: "PrefixStore | None" = None):
+        """Prefill the shared stream into the baseline's cache and each wanted head set's; with a store, load each
+        cache that was saved (a run resumed on the same machine) and save each one computed."""
+        store = store or PrefixStore(None, 0, 0, {})
+        dope = [s for s in wanted if s != self.base_key]
+        need = {self.sets[s] for s in dope if not store.has(s, self.sets[s])} - {0}  # taps for what is computed
+        base = self._cache(self.base_key)
+        taps = store.load(self.base_key, 0, base, stream, self.device, need, self.chunk)
+        if taps is None:
+            taps = {f: [] for f in {self.sets[s] for s in dope} if f > 0}
+            self._prefill(self.base_key, stream, base, taps=taps)
+            store.save(self.base_key, 0, base, stream, taps)
+        for s in dope:
+            cache = self._cache(s)
+            if store.load(s, self.sets[s], cache, stream, self.device) is None:
+                f = self.sets[s]
+                if f and f not in taps:  # its file was damaged: the baseline's hidden states are needed after all
+                    taps[f] = []
+                    base.rewind(0)
+                    self._prefill(self.base_key, stream, base, taps={f: taps[f]})
+                self._prefill(s, stream, cache, hidden=taps)
+                store.save(s, self.sets[s], cache, stream)
         self.valid = len(stream)
 
     def prompt(self, ids: list, start: int, wanted, decode):
@@ -482,6 +499,129 @@ class HeadSetRunner:
             if self.reuse != "prefix":
                 del self.caches[s]  # nothing to share with the next prompt
         return out
+
+
+class PrefixStore:
+    """The shared prefix's KV caches on disk while a setting runs, so that a run stopped before its last prompt resumes
+    on the same machine without prefilling the haystack again (with the deepest needle first, each head set's prefix is
+    close to a full prefill: the largest part of a setting's work before its first record). One file per head set: its
+    own layers' keys and values (from its first denoised layer; the layers below are the baseline's) for the first n
+    positions of the setting's stream, and for the baseline the hidden states the DoPE head sets start from. A file is
+    named by a digest of everything its numbers depend on (the run's identity, the setting, the head set), holds the
+    stream's tokens (a prefix is reused only for the same tokens), is written atomically one layer at a time (never a
+    second copy of a cache in memory), is recomputed with a warning when damaged, and is deleted once the setting is
+    complete. The folder ignores itself in git: caches are gigabytes and belong to one machine. Loaded numbers are the
+    saved ones, bit for bit."""
+
+    MAGIC = b"DOPEKV1\n"
+
+    def __init__(self, folder, length: int, noisy: int, ident: dict):
+        self.folder = Path(folder) if folder else None
+        self.tag = f"prefix_{length}_noisy{noisy}"
+        self.key = dict(ident=ident, length=length, noisy=noisy)
+        self.saving = self.folder is not None
+
+    def path(self, head_set, first: int) -> Path | None:
+        if self.folder is None:
+            return None
+        variant, heads = head_set
+        return self.folder / f"{self.tag}_{digest([self.key, variant, [list(h) for h in heads], first])}.kv"
+
+    def has(self, head_set, first: int) -> bool:
+        p = self.path(head_set, first)
+        return p is not None and p.exists()
+
+    def save(self, head_set, first: int, cache, stream: list, taps=None):
+        """Write cache's layers from `first` up to len(stream) positions (and the baseline's taps, whole)."""
+        if not self.saving:
+            return
+        n = len(stream)
+        named = [(f"{kv}{layer}", getattr(cache, kv)[layer][:, :, :n]) for layer in range(first, len(cache.k))
+                 for kv in "kv"]
+        named += [(f"tap{f}", torch.cat(chunks, 1)) for f, chunks in sorted((taps or {}).items())]
+        size = sum(t.numel() * t.element_size() for _, t in named)
+        why = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            ignore = self.folder / ".gitignore"
+            if not ignore.exists():
+                ignore.write_text("# caches of a run in progress: gigabytes, for this machine only\n*\n")
+            if shutil.disk_usage(self.folder).free < size + 2**30:
+                why = f"not enough free disk for {size / 2**30:.1f} GiB"
+        except OSError as e:
+            why = str(e)
+        if why:  # a full or read-only disk must not cost the run its work
+            warnings.warn(f"{self.folder}: cannot save the shared prefix ({why}); going on without saving it (an "
+                          "interrupted run will prefill it again)")
+            self.saving = False
+            return
+        header = json.dumps(dict(key=self.key, head_set=[head_set[0], [list(h) for h in head_set[1]]], first=first,
+                                 ids=stream, tensors=[(name, list(t.shape), str(t.dtype)) for name, t in named]))
+
+        def write(f):
+            f.write(self.MAGIC + len(header).to_bytes(8, "little") + header.encode())
+            for _, t in named:  # one tensor at a time: contiguous on the CPU, then its bytes
+                f.write(memoryview(t.contiguous().cpu().view(torch.uint8).numpy()))
+
+        try:
+            write_atomic(self.path(head_set, first), write)
+        except OSError as e:
+            warnings.warn(f"{self.folder}: cannot save the shared prefix ({e}); going on without saving it")
+            self.saving = False
+            return
+        print(f"   shared prefix of {head_set[0]} {list(head_set[1])}: {n} positions saved "
+              f"({size / 2**30:.2f} GiB, until the setting is complete)")
+
+    def load(self, head_set, first: int, cache, stream: list, device, taps=(), chunk: int = 0):
+        """Fill cache's layers from `first` with a saved prefix of at least len(stream) positions whose tokens
+        begin with stream; cache.pos = len(stream). Returns the taps for the layers in `taps` (split in chunks of
+        `chunk`, as prefill_from reads them), or None when there is no usable file (nothing changed then)."""
+        p = self.path(head_set, first)
+        if p is None or not p.exists():
+            return None
+        n = len(stream)
+        try:
+            with open(p, "rb") as f:
+                if f.read(len(self.MAGIC)) != self.MAGIC:
+                    raise ValueError("not a saved prefix")
+                h = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+                shapes = {name: (shape, dtype) for name, shape, dtype in h["tensors"]}
+                size = sum(math.prod(s) * getattr(torch, d.split(".")[1]).itemsize for s, d in shapes.values())
+                if p.stat().st_size != f.tell() + size:
+                    raise ValueError(f"{p.stat().st_size} bytes, the header promises {f.tell() + size}")
+                if h["key"] != self.key or h["first"] != first or h["ids"][:n] != stream or \
+                        not {f"tap{t}" for t in taps} <= set(shapes):
+                    return None  # another setting's tokens or a shorter prefix: prefill
+                out = {}
+                for name, (shape, dtype) in shapes.items():  # in file order
+                    buf = torch.empty(shape, dtype=getattr(torch, dtype.split(".")[1]))
+                    f.readinto(memoryview(buf.view(torch.uint8).numpy()))
+                    if name.startswith("tap"):
+                        out[int(name[3:])] = buf[:, :n]
+                        continue
+                    kv, layer = name[0], int(name[1:])
+                    B, heads, _, d = shape
+                    store = getattr(cache, kv)
+                    if store[layer] is None or store[layer].shape[1] != heads:
+                        store[layer] = torch.empty(B, heads, cache.max_len, d, dtype=buf.dtype,
+                                                   device=device)
+                    store[layer][:, :, :n] = buf[:, :, :n]
+        except Exception as e:  # torn or foreign: a cache, so recompute it
+            warnings.warn(f"{p} is damaged ({type(e).__name__}: {e}); prefilling it again")
+            p.unlink(missing_ok=True)
+            return None
+        cache.pos = n
+        print(f"   shared prefix of {head_set[0]} {list(head_set[1])}: {n} positions loaded from {p}")
+        return {t: list(out[t].split(chunk or n, dim=1)) for t in taps}
+
+    def clear(self):
+        """The setting is complete: delete its saved prefixes (and the folder, when nothing else is left in it)."""
+        if self.folder is None or not self.folder.is_dir():
+            return
+        for p in self.folder.glob(f"{self.tag}_*.kv"):
+            p.unlink()
+        if not [p for p in self.folder.iterdir() if p.name != ".gitignore"]:
+            shutil.rmtree(self.folder)
 
 
 # -----------------------------------------------------------------------------
@@ -559,6 +699,9 @@ def check_inputs(args) -> Config:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         usage_error(f"--out {out} is a file, not a folder")
+    kv = Path(args.prefix_cache or out)
+    if args.prefix_cache not in (None, "none") and kv.exists() and not kv.is_dir():
+        usage_error(f"--prefix-cache {kv} is a file, not a folder")
     probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK | os.X_OK):
         usage_error(f"--out {out}: {probe} is not writable")
@@ -580,9 +723,13 @@ def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, o
     ids = {(d, t, m.name): cell_id(ident, length, noisy, d, t, m) for d, t, _ in prompts for m in methods}
     todo = [(d, t, p) for d, t, p in prompts if any(ids[d, t, m.name] not in done for m in methods)]
     missing = [m for m in methods if any(ids[d, t, m.name] not in done for d, t, _ in todo)]
-    work = announce_work(model, calib, methods, missing, prompts, todo, length, extra, args)
     runner = HeadSetRunner(model, missing, length, extra, args.chunk, args.reuse, args.device, args.seed,
                            args.layer_reuse)
+    folder = None if args.prefix_cache == "none" or args.reuse != "prefix" or not args.layer_reuse else \
+        Path(args.prefix_cache) if args.prefix_cache else out / "prefix-cache"  # model.py's KVCache only
+    store = PrefixStore(folder, length, noisy, ident)
+    stored = {s for s, f in runner.sets.items() if store.has(s, f)}
+    work = announce_work(model, calib, methods, missing, prompts, todo, length, extra, args, stored)
     fixed = dict(model=Path(args.model).name, model_id=ident["model"], native=model.config.max_pos, length=length,
                  noisy=noisy, ntk_factor=factor, reuse=args.reuse, seed=args.seed, dtype=args.dtype, device=args.device)
     with LayerProgress(model, length, work, f"{length} tokens, noisy={noisy}") as progress:
@@ -590,7 +737,7 @@ def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, o
             stream = builder.stream(todo[0][2].needle_at)  # the deepest needle: every other prefix is shorter
             for _, _, p in todo:
                 assert p.ids[:p.needle_at] == stream[:p.needle_at], "a prompt is not a slice of the shared stream"
-            runner.prefix(stream, {m.head_set for m in missing})
+            runner.prefix(stream, {m.head_set for m in missing}, store)
         for d, t, p in todo:
             need = [m for m in methods if ids[d, t, m.name] not in done]
             for m, rec in run_prompt(runner, model, tok, p, need, stop, args):
@@ -598,6 +745,7 @@ def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, o
                 append_record(results, rec)
                 done[rec["cell"]] = rec
         progress.bar.n = progress.bar.total
+    store.clear()  # every cell of the setting is recorded
     return [done[ids[d, t, m.name]] for d, t, _ in prompts for m in methods]
 
 
@@ -613,12 +761,13 @@ def setting_methods(calib, cfg, args, length: int, noisy: int, out: Path) -> lis
     return methods
 
 
-def announce_work(model, calib, methods, missing, prompts, todo, length, extra, args) -> float:
-    """Refuse what would not fit; print what is left to run and its cost. Returns the work in full prefills."""
+def announce_work(model, calib, methods, missing, prompts, todo, length, extra, args, stored=()) -> float:
+    """Refuse what would not fit; print what is left to run and its cost (less the shared prefixes saved on disk,
+    `stored`). Returns the work in full prefills."""
     if not todo:
         return 0.0
     check_memory(model, missing, length, extra, args)
-    work = plan_work(model.config, missing, todo, length, args.reuse, extra, args.layer_reuse)
+    work = plan_work(model.config, missing, todo, length, args.reuse, extra, args.layer_reuse, stored)
     scratch = plan_work(model.config, missing, todo, length, "none", extra)
     secs = calib["seconds"] if calib else None
     eta = f", ~{work * secs / 3600:.1f} h at {secs:.0f} s per full prefill (the calibration pass)" if secs else ""
@@ -887,6 +1036,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefix (default): each head set prefills the shared haystack once and each prompt its tail, "
                         "from the first denoised layer; layers: per prompt, from the first denoised layer; none: "
                         "recompute everything (the answers are the same either way)")
+    p.add_argument("--prefix-cache", metavar="DIR",
+                   help="with --reuse prefix: where each head set's shared-prefix KV cache is saved while a setting "
+                        "runs, so that an interrupted run resumes without prefilling the haystack again on this "
+                        "machine; deleted when the setting is complete; 'none' to save nothing (default: "
+                        "OUT/prefix-cache, which ignores itself in git)")
     p.add_argument("--report-heads", action="store_true",
                    help="only calibrate: print p1 per layer and the heads each rule picks, save the heatmaps")
     p.add_argument("--out", default="results/nih", help="folder for results.jsonl, plots and calibration")

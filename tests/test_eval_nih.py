@@ -151,8 +151,9 @@ def test_every_prompt_of_a_setting_is_a_slice_of_one_stream(tok, noisy):
     assert b.stream(500) == stream[:500]
 
 
-def run_grid(model, tok, prompts, methods, reuse, chunk=0, max_new=8):
-    """Every method on every prompt through HeadSetRunner, as run_setting drives it; {(depth, method): output}."""
+def run_grid(model, tok, prompts, methods, reuse, chunk=0, max_new=8, store=None, stream_at=None):
+    """Every method on every prompt through HeadSetRunner, as run_setting drives it; {(depth, method): output}.
+    store: a PrefixStore for the shared prefix; stream_at: its length (default: the deepest needle)."""
     import torch
 
     length = len(prompts[0][2].ids)
@@ -161,7 +162,7 @@ def run_grid(model, tok, prompts, methods, reuse, chunk=0, max_new=8):
     sets = {m.head_set for m in methods}
     if reuse == "prefix":
         b = PromptBuilder(tok, sink_id=model.config.bos_token_id)
-        runner.prefix(b.stream(prompts[0][2].needle_at), sets)
+        runner.prefix(b.stream(stream_at or prompts[0][2].needle_at), sets, store)
     out = {}
     for d, t, p in prompts:
         answer, ids = tok.encode(" " + p.value), torch.tensor([p.ids])
@@ -208,6 +209,66 @@ def full_grid(smol, tok, noisy):
         prompts = eval_nih.setting_prompts(b, 500, noisy, parse_args(["--depths", "3", "--trials", "1"]))
         _FULL[noisy] = run_grid(smol, tok, prompts, GRID_METHODS, "none", max_new=6)
     return _FULL[noisy]
+
+
+def test_a_saved_shared_prefix_resumes_bit_for_bit(tok, smol, tmp_path, monkeypatch):
+    """PrefixStore: each head set's prefix saved while the first run computes it is loaded by the next run with no
+    forward at all, and every answer and log-probability is the first run's to the last bit, also when the saved
+    prefix is longer than the rerun needs (its deepest needles already answered); a missing file costs only its
+    head set (the baseline's saved hidden states start it); a torn file is named in a warning and recomputed; the
+    folder ignores itself in git and is gone once cleared; a disk that refuses the file costs a warning, not the run."""
+    import torch
+
+    b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
+    prompts = eval_nih.setting_prompts(b, 500, 2, parse_args(["--depths", "3", "--trials", "1"]))
+    ident, methods = {"run": "test"}, [GRID_METHODS[0], GRID_METHODS[1], GRID_METHODS[3]]  # first layers 0, 10, 0
+    store = eval_nih.PrefixStore(tmp_path / "kv", 500, 2, ident)
+    first = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
+    files = sorted((tmp_path / "kv").glob("prefix_500_noisy2_*.kv"))
+    assert len(files) == 3  # baseline, parts/asc, all/random0
+    assert (tmp_path / "kv" / ".gitignore").read_text().splitlines()[-1] == "*"
+
+    forwards = []
+    real = eval_nih.HeadSetRunner._prefill
+    monkeypatch.setattr(eval_nih.HeadSetRunner, "_prefill", lambda self, hs, ids, cache, *a, **k:
+                        forwards.append((hs, cache.pos)) or real(self, hs, ids, cache, *a, **k))
+    again = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
+    deepest = max(p.needle_at for _, _, p in prompts)
+    assert forwards and not [hs for hs, pos in forwards if pos == 0]  # tails only: no prefix was prefilled
+    assert again == first  # the same tensors in: the same bits out
+
+    shallower = [x for x in prompts if x[2].needle_at < deepest]  # the deepest prompt answered, the rest to run
+    again = bits(run_grid(smol, tok, shallower, methods, "prefix", max_new=6, store=store))
+    assert again == {c: o for c, o in first.items() if c[0] != 1.0}
+
+    parts = store.path(methods[1].head_set, 10)
+    parts.unlink()
+    forwards.clear()
+    again = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
+    assert [hs for hs, pos in forwards if pos == 0] == [methods[1].head_set]
+    assert again == first and parts.exists()
+
+    damaged = store.path(("none", ()), 0)
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    with pytest.warns(UserWarning, match=f"{damaged.name} is damaged"):
+        again = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
+    assert again == first
+    (tmp_path / "a-file").write_text("")
+    blocked = eval_nih.PrefixStore(tmp_path / "a-file" / "kv", 500, 2, ident)  # a disk that refuses: warned, not fatal
+    cache = smol.new_cache(1, 8)
+    smol.prefill(torch.tensor([[1, 2, 3]]), cache)
+    with pytest.warns(UserWarning, match="cannot save the shared prefix"):
+        blocked.save(("none", ()), 0, cache, [1, 2, 3])
+    assert not blocked.saving
+    other = eval_nih.PrefixStore(tmp_path / "kv", 500, 0, ident)  # another setting: other files, untouched
+    assert not other.has(("none", ()), 0)
+    store.clear()
+    assert not (tmp_path / "kv").exists()
+
+
+def bits(outs):
+    """What a record keeps of an output: the answer's tokens and its log-probability (not the timings)."""
+    return {cell: (o["new"], o["logprob"]) for cell, o in outs.items()}
 
 
 def test_the_runner_refuses_a_prompt_past_the_cached_prefix(tok, smol):
@@ -268,7 +329,8 @@ def test_control_heads_are_reproducible_and_exclude_the_selection():
 
 def test_the_work_estimate_counts_both_reuses():
     """In full prefills: a lone baseline prompt costs one; layer reuse saves the layers below a head set's first
-    denoised layer; the shared prefix saves more the deeper the needles."""
+    denoised layer; the shared prefix saves more the deeper the needles, and a prefix loaded from disk all of its
+    own cost."""
     from model import Config
 
     cfg = Config()
@@ -280,6 +342,12 @@ def test_the_work_estimate_counts_both_reuses():
     assert budget.plan_work(cfg, late, P[:1], 8192, "none", 0) == pytest.approx(2.0)
     work = {r: budget.plan_work(cfg, late, P, 8192, r, 50) for r in ("prefix", "layers", "none")}
     assert work["prefix"] < work["layers"] < work["none"]
+    # a shared prefix saved on disk costs nothing: the baseline's is 8010 of 8192 positions, parts' half its layers
+    prefix = budget.cost(cfg, 0, 8010) / budget.cost(cfg, 0, 8192)
+    stored = budget.plan_work(cfg, late, P, 8192, "prefix", 50, stored={("none", ())})
+    assert work["prefix"] - stored == pytest.approx(prefix)
+    both = budget.plan_work(cfg, late, P, 8192, "prefix", 50, stored={m.head_set for m in late})
+    assert work["prefix"] - both == pytest.approx(1.5 * prefix)
 
 
 def test_progress_inside_a_prefill_reaches_one_full_prefill(smol):
@@ -342,6 +410,42 @@ def test_end_to_end_short_run_retrieves_and_resumes(tmp_path, monkeypatch):
     (tmp_path / "results.jsonl").write_text("\n".join(good[:2] + ["{not json"] + good[2:]) + "\n")
     with pytest.raises(SystemExit, match=r"results.jsonl, line 3: not a JSON record"):
         run(parse_args(argv))
+
+
+def test_an_interrupted_run_resumes_its_shared_prefix_from_disk(tmp_path, monkeypatch, capsys):
+    """A run stopped mid-setting leaves each head set's shared prefix in OUT/prefix-cache; the same command loads
+    them instead of prefilling the haystack again, its records equal an uninterrupted run's to the last digit, and
+    the folder is gone once the setting is complete. --prefix-cache none saves nothing."""
+    whole = run(parse_args(short_argv(tmp_path / "whole")))
+    assert not (tmp_path / "whole" / "prefix-cache").exists()
+    for out in ("cut", "none"):
+        (tmp_path / out).mkdir()
+        for calib in (tmp_path / "whole").glob("calib_*.json"):  # the same calibration: skip recomputing it
+            (tmp_path / out / calib.name).write_bytes(calib.read_bytes())
+    real, written = eval_nih.append_record, []
+
+    def crash_after_four(path, rec):
+        if len(written) == 4:
+            written.clear()
+            raise KeyboardInterrupt
+        written.append(rec)
+        real(path, rec)
+
+    monkeypatch.setattr(eval_nih, "append_record", crash_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        run(parse_args(short_argv(tmp_path / "cut")))
+    assert len(list((tmp_path / "cut" / "prefix-cache").glob("prefix_600_noisy0_*.kv"))) == 3  # none, all/asc, random
+    monkeypatch.setattr(eval_nih, "append_record", real)
+    capsys.readouterr()
+    rows = run(parse_args(short_argv(tmp_path / "cut")))
+    assert capsys.readouterr().out.count("positions loaded from") == 3
+    assert [(r["cell"], r["answer"], r["logprob"]) for r in rows] == \
+        [(r["cell"], r["answer"], r["logprob"]) for r in whole]
+    assert not (tmp_path / "cut" / "prefix-cache").exists()
+    real_write, paths = eval_nih.write_atomic, []
+    monkeypatch.setattr(eval_nih, "write_atomic", lambda path, w: paths.append(path) or real_write(path, w))
+    run(parse_args(short_argv(tmp_path / "none", "--prefix-cache", "none", "--depths", "1")))
+    assert paths and not [p for p in paths if p.suffix == ".kv"] and not (tmp_path / "none" / "prefix-cache").exists()
 
 
 def test_calibration_and_records_are_keyed_on_what_they_depend_on(tmp_path, monkeypatch):
@@ -410,6 +514,7 @@ def _bad_inputs(tmp_path):
         (m + ["--variant", "none,bogus"], 2, "unknown variant"), (m + ["--len", "12x"], 2, "not a token count"),
         (m + ["--depths", "0"], 2, "--depths"), (m + ["--device", "cuda"], 2, "no CUDA device"),
         (m + ["--out", str(a_file)], 2, "a-file is a file, not a folder"),
+        (m + ["--prefix-cache", str(a_file)], 2, "--prefix-cache .*a-file is a file, not a folder"),
         (["--summarize", str(garbage)], "error", r"garbage/results.jsonl, line 2: not a JSON record"),
         (m + ["--earlier", str(binary)], 2, "--earlier only adds to a --summarize"),
         (["--summarize", str(garbage.parent), "--earlier", str(tmp_path / "no.md")], 2, "no.md: no such file"),
