@@ -591,7 +591,8 @@ class PrefixStore:
                     raise ValueError(f"{p.stat().st_size} bytes, the header promises {f.tell() + size}")
                 if h["key"] != self.key or h["first"] != first or h["ids"][:n] != stream or \
                         not {f"tap{t}" for t in taps} <= set(shapes):
-                    return None  # another setting's tokens or a shorter prefix: prefill
+                    print(f"   {p.name}: saved for other tokens or a shorter prefix; prefilling it again")
+                    return None
                 out = {}
                 for name, (shape, dtype) in shapes.items():  # in file order
                     buf = torch.empty(shape, dtype=getattr(torch, dtype.split(".")[1]))
