@@ -540,21 +540,6 @@ class PrefixStore:
                  for kv in "kv"]
         named += [(f"tap{f}", torch.cat(chunks, 1)) for f, chunks in sorted((taps or {}).items())]
         size = sum(t.numel() * t.element_size() for _, t in named)
-        why = None
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            ignore = self.folder / ".gitignore"
-            if not ignore.exists():
-                ignore.write_text("# caches of a run in progress: gigabytes, for this machine only\n*\n")
-            if shutil.disk_usage(self.folder).free < size + 2**30:
-                why = f"not enough free disk for {size / 2**30:.1f} GiB"
-        except OSError as e:
-            why = str(e)
-        if why:  # a full or read-only disk must not cost the run its work
-            warnings.warn(f"{self.folder}: cannot save the shared prefix ({why}); going on without saving it (an "
-                          "interrupted run will prefill it again)")
-            self.saving = False
-            return
         header = json.dumps(dict(key=self.key, head_set=[head_set[0], [list(h) for h in head_set[1]]], first=first,
                                  ids=stream, tensors=[(name, list(t.shape), str(t.dtype)) for name, t in named]))
 
@@ -564,9 +549,16 @@ class PrefixStore:
                 f.write(memoryview(t.contiguous().cpu().view(torch.uint8).numpy()))
 
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            ignore = self.folder / ".gitignore"
+            if not ignore.exists():
+                ignore.write_text("# caches of a run in progress: gigabytes, for this machine only\n*\n")
+            if shutil.disk_usage(self.folder).free < size + 2**30:
+                raise OSError(f"not enough free disk for {size / 2**30:.1f} GiB")
             write_atomic(self.path(head_set, first), write)
-        except OSError as e:
-            warnings.warn(f"{self.folder}: cannot save the shared prefix ({e}); going on without saving it")
+        except OSError as e:  # a full or read-only disk must not cost the run its work
+            warnings.warn(f"{self.folder}: cannot save the shared prefix ({e}); going on without saving it (an "
+                          "interrupted run will prefill it again)")
             self.saving = False
             return
         print(f"   shared prefix of {head_set[0]} {list(head_set[1])}: {n} positions saved "
@@ -585,8 +577,9 @@ class PrefixStore:
                 if f.read(len(self.MAGIC)) != self.MAGIC:
                     raise ValueError("not a saved prefix")
                 h = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-                shapes = {name: (shape, dtype) for name, shape, dtype in h["tensors"]}
-                size = sum(math.prod(s) * getattr(torch, d.split(".")[1]).itemsize for s, d in shapes.values())
+                shapes = {name: (shape, getattr(torch, dtype.removeprefix("torch.")))
+                          for name, shape, dtype in h["tensors"]}
+                size = sum(math.prod(s) * d.itemsize for s, d in shapes.values())
                 if p.stat().st_size != f.tell() + size:
                     raise ValueError(f"{p.stat().st_size} bytes, the header promises {f.tell() + size}")
                 if h["key"] != self.key or h["first"] != first or h["ids"][:n] != stream or \
@@ -595,7 +588,7 @@ class PrefixStore:
                     return None
                 out = {}
                 for name, (shape, dtype) in shapes.items():  # in file order
-                    buf = torch.empty(shape, dtype=getattr(torch, dtype.split(".")[1]))
+                    buf = torch.empty(shape, dtype=dtype)
                     f.readinto(memoryview(buf.view(torch.uint8).numpy()))
                     if name.startswith("tap"):
                         out[int(name[3:])] = buf[:, :n]
@@ -700,9 +693,8 @@ def check_inputs(args) -> Config:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         usage_error(f"--out {out} is a file, not a folder")
-    kv = Path(args.prefix_cache or out)
-    if args.prefix_cache not in (None, "none") and kv.exists() and not kv.is_dir():
-        usage_error(f"--prefix-cache {kv} is a file, not a folder")
+    if args.prefix_cache not in (None, "none") and Path(args.prefix_cache).is_file():
+        usage_error(f"--prefix-cache {args.prefix_cache} is a file, not a folder")
     probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK | os.X_OK):
         usage_error(f"--out {out}: {probe} is not writable")
