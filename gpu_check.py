@@ -167,6 +167,18 @@ def cuda_ready():
     return False, NO_CUDA.format(torch=torch.__version__, cuda=torch.version.cuda or "none, CPU-only")
 
 
+def sources_digest(root=ROOT) -> dict:
+    """sha256 of every .py file at the top of `root` and in tests/, and one over all of them: what ran, named by its
+    content. A machine that receives a copy of the working tree may carry stale git metadata (its `git rev-parse HEAD`
+    then names an older commit than the files it runs), so the report keeps both."""
+    import hashlib
+
+    files = sorted([*Path(root).glob("*.py"), *Path(root).glob("tests/*.py")])
+    each = {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    total = hashlib.sha256("".join(f"{k} {v}\n" for k, v in each.items()).encode()).hexdigest()
+    return {"all": total, "files": each}
+
+
 def environment() -> dict:
     import torch
 
@@ -190,6 +202,7 @@ def environment() -> dict:
             env[key] = r.stdout.strip() if r.returncode == 0 else None
         except (OSError, subprocess.TimeoutExpired):
             env[key] = None
+    env["sources_sha256"] = sources_digest()
     return env
 
 

@@ -122,6 +122,24 @@ if triton is not None:
         return s, c
 
     @triton.jit
+    def _sin_cos(x):
+        """(sin x, cos x) for float32 angles x, |x| < 2^24 (m theta_f for any position float32 holds exactly): x is
+        reduced in float64 to k pi/2 + a, |a| <= pi/4 (Cody-Waite: pi/2 in three parts, the first two of 27 and 25
+        bits, so k times each is exact for |k| < 2^26), then Cephes' polynomials on a and the quadrant k mod 4 pick
+        +-sin a, +-cos a. Within ~1.5 ulp of sin, cos of the float32 angle, like libdevice's __nv_sinf/__nv_cosf
+        (tested against float64 up to 2^24 rad). Those keep, for |x| > 105615, a Payne-Hanek reduction whose work
+        array is local memory: triton 3.6's build of them costs 32-40 bytes of stack per thread (seen compiled for
+        sm_80/sm_90 and on an H200), traffic in a kernel whose whole cost is traffic; this reduction needs none."""
+        xd = x.to(tl.float64)
+        k = tl.floor(xd * 0.6366197723675814 + 0.5)  # nearest multiple of pi/2 (x * 2/pi rounded)
+        a = ((xd - k * 1.570796325802803) - k * 9.920935739593517e-10) - k * 5.721188726109832e-18
+        s, c = _sin_cos_small(a.to(tl.float32))
+        n = k.to(tl.int32) & 3  # two's complement: k = -1 is quadrant 3
+        sin = tl.where(n == 0, s, tl.where(n == 1, c, tl.where(n == 2, -s, -c)))
+        cos = tl.where(n == 0, c, tl.where(n == 1, -s, tl.where(n == 2, -c, s)))
+        return sin, cos
+
+    @triton.jit
     def _cos_2pi(h):
         """cos(2 pi u) for u = (h + 0.5) / 2^32, accurate relative to the result (also near its zeros): the angle is
         reduced in integers to n pi/2 + a with |a| <= pi/4, then cos(n pi/2 + a) is one of +-cos a, +-sin a."""
@@ -199,8 +217,9 @@ if triton is not None:
         if not PER_HEAD:
             if FROM_FREQS:
                 ang = m.to(tl.float32)[:, None] * tl.load(freq_ptr + f, mask=f < HALF, other=0.0)[None, :]
-                c1 = tl.cos(ang) * scale
-                s1 = tl.sin(ang) * scale
+                s1, c1 = _sin_cos(ang)
+                c1 = c1 * scale
+                s1 = s1 * scale
                 c2, s2 = c1, s1  # half-split: band f is dims f and f + d/2
             else:
                 c1 = tl.load(cos_ptr + tab, mask=mask, other=0.0).to(tl.float32)

@@ -1,6 +1,7 @@
 """gpu_check.py on a CPU: it refuses to run without CUDA, lists what it would run, and its runner, report, parity step
 and estimates work (the steps themselves need a GPU: here they are replaced by small commands)."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -67,6 +68,7 @@ def test_runner_writes_one_report(tmp_path, monkeypatch):
     assert "start" in s["slow"]["output"]
     assert "skipped" in s["extra"]
     assert r["all_ok"] is False and r["gpu"] == "a pretend GPU" and "torch" in r["environment"]
+    assert r["environment"]["sources_sha256"] == gpu_check.sources_digest()
     assert set(r["estimates"]) == set(ARCHS)
 
 
@@ -95,3 +97,21 @@ def test_estimates_count_the_parameters():
     assert smol["prefill_flops"] == pytest.approx(1.62e14, rel=0.01)
     assert llama["prefill_flops"] == pytest.approx(2.04e15, rel=0.01)
     assert llama["kv_cache_bytes"] == 2 * 32 * 8 * 128 * 65536 * 2
+
+
+def test_sources_digest_names_the_code_by_content(tmp_path):
+    """The report's sources_sha256: one digest per .py file (top level and tests/) and one over all; it changes when
+    any of them changes, and not when other files do."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "model.py").write_text("x = 1\n")
+    (tmp_path / "tests" / "test_x.py").write_text("def test(): pass\n")
+    (tmp_path / "notes.md").write_text("a")
+    a = gpu_check.sources_digest(tmp_path)
+    assert set(a["files"]) == {"model.py", "tests/test_x.py"} and len(a["all"]) == 64
+    (tmp_path / "notes.md").write_text("b")
+    assert gpu_check.sources_digest(tmp_path) == a
+    (tmp_path / "tests" / "test_x.py").write_text("def test(): assert 1\n")
+    b = gpu_check.sources_digest(tmp_path)
+    assert b["all"] != a["all"] and b["files"]["model.py"] == a["files"]["model.py"]
+    kernels_py = hashlib.sha256((ROOT / "kernels.py").read_bytes()).hexdigest()
+    assert gpu_check.sources_digest()["files"]["kernels.py"] == kernels_py

@@ -314,6 +314,40 @@ def test_small_angle_sin_cos_within_one_ulp():
         assert ((got.double() - ref).abs() / ulp).max() <= 1.0
 
 
+
+@triton.jit
+def _rope_angle_probe(x_ptr, s_ptr, c_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    s, c = kernels._sin_cos(tl.load(x_ptr + i, mask=i < N, other=0.0))
+    tl.store(s_ptr + i, s, mask=i < N)
+    tl.store(c_ptr + i, c, mask=i < N)
+
+
+def test_rope_angle_sin_cos_over_the_whole_float32_position_range():
+    """The from-frequencies launch's sin/cos of m theta_f: within 1.5 float32 ulps of sin, cos of the float32 angle
+    (float64 reference) from 0 to 2^24 rad, the largest angle a float32 position can make with theta_f <= 1; among
+    them the angles that long contexts reach (10^4-10^6 rad), every float32 just below and above 2^k, angles next to
+    multiples of pi/2 (where sin or cos cancels) and the float32 angles closest to them, and negative angles."""
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 2**24, (2**16,), generator=g).to(torch.float32)
+    freq = 10000.0 ** (-torch.rand(2**16, generator=g, dtype=torch.float64)).to(torch.float32)
+    powers = 2.0 ** torch.arange(-20, 24, dtype=torch.float64)
+    near_half_pi = (torch.arange(1, 2**14, dtype=torch.float64) * 1021) * (torch.pi / 2)  # up to 2.6e7 / 1.57...
+    near_half_pi = near_half_pi[near_half_pi < 2**24].to(torch.float32)
+    x = torch.cat((pos * freq, torch.linspace(0, 2**20, 2**15), powers.to(torch.float32),
+                   torch.nextafter(powers.to(torch.float32), torch.tensor(0.0)), near_half_pi,
+                   torch.nextafter(near_half_pi, torch.tensor(0.0)), torch.nextafter(near_half_pi, torch.tensor(3e7)),
+                   -(pos * freq)[:4096], torch.tensor([0.0, 105615.0, 105616.0, 2.0**24 - 1])))
+    x = x.to(DEVICE)
+    s, c = torch.empty_like(x), torch.empty_like(x)
+    _rope_angle_probe[(triton.cdiv(x.numel(), 4096),)](x, s, c, x.numel(), BLOCK=4096)
+    for got, ref, name in ((s, torch.sin(x.double()), "sin"), (c, torch.cos(x.double()), "cos")):
+        tiny = torch.finfo(torch.float32).tiny
+        ulp = torch.finfo(torch.float32).eps * 2.0 ** torch.floor(torch.log2(ref.abs().clamp_min(tiny)))
+        err = (got.double() - ref).abs() / ulp
+        assert err.max() <= 1.5, f"{name}: {err.max():.2f} ulps at x = {x[err.argmax()].item()!r}"
+
+
 # -----------------------------------------------------------------------------
 # The whole model with the kernel on and off
 
