@@ -486,19 +486,29 @@ class HeadSetRunner:
         taps = {f: [] for f in {self.sets[s] for s in wanted} if f > 0}
         t0 = time.time()
         logits = self._prefill(self.base_key, ids[start:], base, taps=taps)
+        seconds = seconds_since(t0, logits)
         out = {}
         if self.base_key in wanted:
-            out[self.base_key] = decode(self.base_key, base, logits) | {"prefill_seconds": time.time() - t0}
+            out[self.base_key] = decode(self.base_key, base, logits) | {"prefill_seconds": seconds}
         for s in wanted:
             if s == self.base_key:
                 continue
             t0 = time.time()
             cache = self._cache(s)
             logits = self._prefill(s, ids[start:], cache, hidden=taps)
-            out[s] = decode(s, cache, logits) | {"prefill_seconds": time.time() - t0}
+            seconds = seconds_since(t0, logits)
+            out[s] = decode(s, cache, logits) | {"prefill_seconds": seconds}
             if self.reuse != "prefix":
                 del self.caches[s]  # nothing to share with the next prompt
         return out
+
+
+def seconds_since(t0: float, result: torch.Tensor) -> float:
+    """Wall-clock seconds from t0 until `result` is computed: on a GPU, whose kernels run asynchronously, after
+    waiting for them (else the time would land in whatever synchronises next, the decoding)."""
+    if result.is_cuda:
+        torch.cuda.synchronize(result.device)
+    return time.time() - t0
 
 
 class PrefixStore:

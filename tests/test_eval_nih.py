@@ -3,6 +3,7 @@
 import argparse
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,29 @@ def test_the_runner_refuses_a_prompt_past_the_cached_prefix(tok, smol):
     runner.prompt(shallow.ids, shallow.needle_at, {("none", ())}, lambda *a: {})
     with pytest.raises(RuntimeError, match="deepest needle first"):
         runner.prompt(deep.ids, deep.needle_at, {("none", ())}, lambda *a: {})
+
+
+def test_prefill_seconds_leave_out_the_decoding(tok, smol):
+    """A record's prefill_seconds time the tail's prefill alone; the decoding has its own decode_seconds (records
+    written before this was fixed counted the decoding in both)."""
+    b = PromptBuilder(tok)
+    prompts = eval_nih.setting_prompts(b, 300, 0, parse_args(["--depths", "1"]))
+    p = prompts[0][2]
+    sets = {("none", ()), ("parts", ((3, 1),))}
+    runner = eval_nih.HeadSetRunner(smol, [Method("parts/asc", "parts", "rule", heads=[(3, 1)])], 300, 20, 0,
+                                    "prefix", "cpu", 42)
+    runner.prefix(b.stream(p.needle_at), sets)
+
+    def slow_decode(head_set, cache, logits):
+        time.sleep(1.0)
+        return {"decode_seconds": 1.0}
+
+    t0 = time.time()
+    outs = runner.prompt(p.ids, p.needle_at, sets, slow_decode)
+    wall = time.time() - t0
+    assert set(outs) == sets and all(o["prefill_seconds"] > 0 for o in outs.values())
+    # the two prefills and the two 1-s decodings ran one after the other inside `wall`: counted once each, they fit
+    assert sum(o["prefill_seconds"] for o in outs.values()) + 2 * 1.0 <= wall + 0.01, (outs, wall)
 
 
 class FakeSelector:
