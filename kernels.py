@@ -30,14 +30,13 @@ Tables or on the fly (rope_qk vs rope_qk_from_freqs; every scaling in model.py i
 cover them): both are bound by the q/k traffic. Reading the float32 tables adds T * d * 8 bytes per launch (both
 halves, so that any (T, d) table gives eager's result; Liger reads one), ~5% of the q/k bytes at 32 query / 8 KV
 heads, d = 128, bf16; the 8 KV groups' programs for a block of positions run side by side, so the re-reads hit L2.
-Computing cos(m theta_f), sin(m theta_f) costs one sin and one cos per (position, band) per KV group. tl.sin/tl.cos
-compile to libdevice __nv_sinf/__nv_cosf: accurate software routines (~25 instructions with range reduction while
-|angle| < ~10^5 rad, a slow path beyond), not the SFU's sin.approx, which would be wrong at the angles m * theta_f of
-10^4-10^5 rad that long contexts reach. That is ~3-15% of the time the bytes take (RTX 4090 .. H100 ratios of ALU
-rate to bandwidth) and overlaps with the loads. So on the fly should be a few percent faster in the kernel alone: it
-trades the 5% of extra bytes for arithmetic the memory stalls hide. In a model the difference is smaller still: the
-tables are built once per forward and shared by all layers. This is reasoning, not a measurement (no GPU here):
-bench_rope.py times both; model.py passes tables, so rope_qk is the path it uses.
+Computing cos(m theta_f), sin(m theta_f) costs one sin and one cos per (position, band) per KV group: _sin_cos
+reduces the float32 angle in float64 and evaluates Cephes' polynomials (~1.5 ulp at any angle a float32 position
+makes). Not the SFU's sin.approx, which would be wrong at the angles m * theta_f of 10^4-10^5 rad that long contexts
+reach, and not tl.sin/tl.cos: libdevice's routines reserve stack for their large-angle path under some triton
+versions (3.6.0: 32-40 B per thread). The arithmetic overlaps with the loads. Measured on an H200 (bench_rope.py, bf16,
+32 query / 8 KV heads, d = 128): from 16K tokens on, tables and frequencies are within 5% of each other, both at
+74-86% of the peak bandwidth. model.py passes tables, so rope_qk is the path it uses.
 
 Registers and spills: a program holds a (BLOCK_T, BLOCK_F) tile of each tensor it works on, so the tile sets the
 registers a thread needs. On a GPU the launch picks one tile per kind of launch (TILE, whatever T is), chosen so that
