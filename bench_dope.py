@@ -4,6 +4,7 @@ What DoPE costs: the head-scoring pass and a DoPE forward, each against a plain 
     python bench_dope.py                 # SmolLM2, 8K and 16K tokens, float32, one-pass prefill, median of 3
     python bench_dope.py --lens 4k --repeats 5 --dtype bfloat16 --chunk 2048
     python bench_dope.py --device cuda --lens 64k   # on a GPU (the default where one is present): bfloat16
+    python bench_dope.py --gram --lens 64k         # the scoring pass's Gram sums alone, per-head vs blocks
 
 Runs are interleaved (plain, scoring, DoPE variants, plain, ...) so that machine noise hits all of them alike; read
 the ratios. Targets set for this project: scoring overhead <= 10% over a plain prefill, a DoPE prefill <= 3% over a
@@ -23,7 +24,8 @@ import torch
 import entropy
 from bench_model import PeakMemory, default_device, default_dtype, device_name, synchronize
 from dope import VARIANTS, DopePlan, apply_dope, remove_dope
-from model import Transformer, parse_len, read_json
+import model as model_py
+from model import Config, Transformer, parse_len, read_json
 
 
 def parse_args(argv=None):
@@ -37,10 +39,63 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=0, help="prefill chunk; 0 = the whole prompt in one pass, as eval_nih")
     p.add_argument("--k", type=int, default=5, help="heads denoised in the DoPE runs")
     p.add_argument("--json", help="also write the measurements to this JSON file")
+    p.add_argument("--gram", action="store_true",
+                   help="time only the scoring pass's Gram sums (GramAccumulator over every layer, every criterion, "
+                        "random q and k of the model's shapes; only --model's config.json is read): one product per "
+                        "head against entropy.gram_sum's blocks of GRAM_ROWS tokens")
     a = p.parse_args(argv)
     a.device = a.device or default_device()
     a.dtype = a.dtype or default_dtype(a.device)
     return a
+
+
+def gram_bench(a):
+    """Seconds of GramAccumulator for one whole forward (every layer and criterion, float32 Grams as eval_nih scores),
+    the Gram of each head as one product against entropy.gram_sum's blocks, interleaved, median of a.repeats."""
+    cfg = Config.from_hf(read_json(Path(a.model) / "config.json"))
+    L, H, Hkv, d = cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    dtype, rows = getattr(torch, a.dtype), entropy.GRAM_ROWS
+    print(f"{Path(a.model).name}'s shapes ({L} layers, {H} query / {Hkv} KV heads, d = {d}), q and k in {a.dtype}, "
+          f"Grams in float32, {len(entropy.CRITERIA)} criteria, {device_name(a.device)}, median of {a.repeats}")
+    print(f"{'tokens':>7} | {'one product per head s':>22} | {f'blocks of {rows} s':>16} {'ratio':>6} | max rel diff")
+    inv = model_py.inv_freq_default(cfg.rope_theta, d)
+    rows_out = []
+    for T in [parse_len(s) for s in a.lens.split(",")]:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, T, H, d, generator=g).to(a.device, dtype).transpose(1, 2)  # laid out as model.py's
+        k = torch.randn(1, T, Hkv, d, generator=g).to(a.device, dtype).transpose(1, 2)
+        pos = torch.arange(T, device=a.device)
+
+        def run(block_rows):
+            acc = entropy.GramAccumulator(L, H, Hkv, d, inv, inv, gram_dtype=torch.float32, device=a.device,
+                                          gram_rows=block_rows)
+            synchronize(a.device)
+            t0 = time.perf_counter()
+            for layer in range(L):
+                acc(layer, q, k, pos)
+            synchronize(a.device)
+            return time.perf_counter() - t0, acc.grams()
+
+        with torch.inference_mode():
+            run(T), run(rows)  # warm-up
+            times = {"per_head": [], "blocks": []}
+            for _ in range(a.repeats):
+                for name, r in (("per_head", T), ("blocks", rows)):
+                    t, grams = run(r)
+                    times[name].append(t)
+                    ref = grams if name == "per_head" else ref
+            diff = max(((grams[c] - ref[c]).abs().max() / ref[c].abs().max()).item() for c in ref)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"{T:>7} | {med['per_head']:>22.4f} | {med['blocks']:>16.4f} {med['blocks'] / med['per_head']:>6.3f} | "
+              f"{diff:.1e}", flush=True)
+        rows_out.append({"tokens": T, "median_s": med, "times_s": times, "ratio": med["blocks"] / med["per_head"],
+                         "max_rel_diff": diff})
+    print("ratio = blocks time / one-product time; max rel diff: the largest |difference| of a Gram's entries over its "
+          "largest entry")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "device": a.device, "device_name": device_name(a.device), "dtype": a.dtype,
+                       "gram_rows": rows, "repeats": a.repeats, "rows": rows_out}, f, indent=1)
 
 
 def main(argv=None):
@@ -49,6 +104,8 @@ def main(argv=None):
         from setup_weights import ensure_weights
 
         a.model = str(ensure_weights("smollm2"))
+    if a.gram:
+        return gram_bench(a)
     mem = PeakMemory(a.device)
     print(f"{a.model}, {a.dtype}, chunk {a.chunk or 'one pass'}, {device_name(a.device)}, median of {a.repeats}")
     print(f"{'tokens':>7} {'plain s':>8} | {'scoring s':>9} {'ratio':>6} | " +

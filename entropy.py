@@ -192,6 +192,30 @@ def apply_rope_half(x, cos, sin):
     return out
 
 
+GRAM_ROWS = 1024  # tokens per block in gram_sum on a GPU
+
+
+def gram_sum(x, rows=None):
+    """sum over batch and tokens of x^T x: (B, h, T, d) -> (h, d, d) float64.
+
+    On a CPU (rows None): one (d, T) @ (T, d) product per head. On a GPU that product leaves only h output tiles to
+    spread over the multiprocessors (SmolLM2: 9 heads of d = 64, an H200 has 132 SMs), and SmolLM2's 64K scoring pass
+    took 2x a plain prefill that way; so there the tokens are cut into blocks of GRAM_ROWS, each block's Gram one entry
+    of a single batched matmul, and the blocks add in float64 (on a CPU the blocks made the product 2x slower, at 8K
+    tokens, SmolLM2's shapes). rows: tokens per block, to choose; rows >= T is the one-product form."""
+    B, h, T, d = x.shape
+    rows = rows or (GRAM_ROWS if x.is_cuda else T)
+    if rows >= T:
+        return (x.mT @ x).sum(0).to(torch.float64)  # (h, d, d): the sum over the batch is the sum over its tokens
+    n = T // rows
+    blocks = x[:, :, :n * rows].reshape(B, h, n, rows, d)
+    S = (blocks.mT @ blocks).to(torch.float64).sum(dim=(0, 2))  # (B, h, n, d, d) -> (h, d, d)
+    if n * rows < T:
+        tail = x[:, :, n * rows:]
+        S += (tail.mT @ tail).to(torch.float64).sum(0)
+    return S
+
+
 class GramAccumulator:
     """Streams S = X^T X for every (criterion, layer, head) during a chunked forward, never storing X.
 
@@ -208,13 +232,14 @@ class GramAccumulator:
 
     gram_dtype is the dtype of the per-chunk rotation and matmul (the sum over chunks is float64 either way).
     float64 is the reference; float32 halves the cost at a relative error of about 1e-6 per chunk's Gram.
+    gram_rows: tokens per block of gram_sum (default: one product per head on a CPU, GRAM_ROWS on a GPU).
 
     The Grams live where the data is: on `device`, or (device=None) on the device of the first q seen. The rotation
     tables are built there too, so a GPU forward never waits on the host here.
     """
 
     def __init__(self, n_layer, n_head, n_kv_head, head_dim, inv_freq_used, inv_freq_orig, criteria=CRITERIA,
-                 preprocess="none", gram_dtype=torch.float64, device=None):
+                 preprocess="none", gram_dtype=torch.float64, device=None, gram_rows=None):
         criteria = tuple(criteria)
         unknown = [c for c in criteria if c not in CRITERIA]
         if unknown or not criteria:
@@ -230,6 +255,7 @@ class GramAccumulator:
                 raise ValueError(f"{name} must have shape ({head_dim // 2},), got {tuple(f.shape)}")
         self.n_layer, self.n_head, self.n_kv_head, self.head_dim = n_layer, n_head, n_kv_head, head_dim
         self.criteria, self.preprocess, self.gram_dtype = criteria, preprocess, gram_dtype
+        self.gram_rows = gram_rows  # gram_sum's blocks (None: its default for the device)
         self.inv_freq = {"pre_ntk": None, "post_ntk": inv_freq_used.float(), "post_rope": inv_freq_orig.float()}
         self.S = self.s = self.device = None  # set by _allocate: on `device`, or on the first q's device
         if device is not None:
@@ -288,8 +314,7 @@ class GramAccumulator:
                 else:
                     tables = tables or self._cos_sin(pos)
                     xr = apply_rope_half(x, *tables[where])  # (B, h, T, d), in gram_dtype
-                # One batched matmul over (batch, heads); the sum over the batch is the sum over its tokens.
-                self.S[c][layer] += (xr.mT @ xr).sum(0).to(torch.float64)  # (h, d, d)
+                self.S[c][layer] += gram_sum(xr, self.gram_rows)  # (h, d, d)
                 if self.s is not None:
                     self.s[c][layer] += xr.sum(dim=(0, 2)).to(torch.float64)  # (h, d)
         self.counts[layer] += B * T

@@ -68,6 +68,22 @@ def test_bench_dope_runs_on_the_cpu(tiny_dir, tmp_path, capsys):
     assert "peak MB" in capsys.readouterr().out
 
 
+def test_bench_dope_times_the_gram_sums_alone(tiny_dir, tmp_path, capsys):
+    """--gram reads only the config, and times one product per head against gram_sum's blocks on the same q and k
+    (T = 2.5 blocks: whole blocks and a tail), whose Grams agree to float32 rounding."""
+    out = tmp_path / "gram.json"
+    import entropy
+
+    T = entropy.GRAM_ROWS * 5 // 2
+    bench_dope.main(["--model", tiny_dir, "--gram", "--lens", str(T), "--repeats", "1", "--device", "cpu",
+                     "--json", str(out)])
+    r = json.loads(out.read_text())
+    row = r["rows"][0]
+    assert r["gram_rows"] == entropy.GRAM_ROWS and row["tokens"] == T and set(row["median_s"]) == {"per_head", "blocks"}
+    assert 0 < row["max_rel_diff"] < 1e-5 and row["ratio"] > 0
+    assert "blocks of" in capsys.readouterr().out
+
+
 def test_bench_model_measures_on_the_cpu(tiny_dir):
     r = bench_model.measure("model.py", tiny_dir, 256, "float32", 1, None, "cpu")
     assert r["seconds"] > 0 and r["peak_mb"] > 0

@@ -493,3 +493,21 @@ def test_plot_scores_writes_a_png(tmp_path):
     assert out == path
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 2), h=st.integers(1, 3), T=st.integers(1, 70), d=st.sampled_from([2, 4, 8]),
+       rows=st.integers(1, 32), transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_gram_sum_is_the_sum_of_x_transpose_x_over_batch_and_tokens(B, h, T, d, rows, transposed, seed):
+    """gram_sum's blocks (T a multiple of rows or not, shorter than one block, x laid out (B, T, h, d) and transposed
+    as the model makes q) add up to the float64 Gram: exactly in float64, to float32 rounding in float32."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, h, d, generator=g, dtype=torch.float64).transpose(1, 2) if transposed else \
+        torch.randn(B, h, T, d, generator=g, dtype=torch.float64)
+    ref = torch.einsum("bhtd,bhte->hde", x, x)
+    got = entropy.gram_sum(x, rows)
+    assert got.dtype == torch.float64 and got.shape == (h, d, d)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(entropy.gram_sum(x.float(), rows), ref, rtol=1e-5, atol=1e-5 * T)
+    # on a CPU the default is one product per head, in x's dtype, the batch summed before float64: bit for bit
+    assert torch.equal(entropy.gram_sum(x.float()), (x.float().mT @ x.float()).sum(0).double())
