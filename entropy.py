@@ -348,7 +348,7 @@ class GramAccumulator:
 # 3. Glue: one chunked prefill over a calibration prompt
 
 def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="none", progress=True,
-                gram_dtype=torch.float64, device=None):
+                gram_dtype=torch.float64, device=None, gram_rows=None):
     """Run one chunked prefill of `tokens` through `model` and return its Grams: dict criterion -> (L, H, d, d).
 
     Score them with head_scores(); for several calibration prompts call this once per prompt and combine the
@@ -361,7 +361,7 @@ def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="non
     which every layer calls acc(layer, q, k, pos) with q and k before rotation.
 
     The tokens are moved to `device` (default: the device of the model's parameters, if it has any), and the Grams
-    stay on the device the model computes on.
+    stay on the device the model computes on. gram_rows: gram_sum's blocks (default: its choice for the device).
     """
     from tqdm.auto import tqdm
 
@@ -379,7 +379,7 @@ def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="non
     cfg = model.config
     acc = GramAccumulator(cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
                           inv_freq_used=model.rope_inv_freq(seq_len=T), inv_freq_orig=model.rope_inv_freq(scaled=False),
-                          criteria=criteria, preprocess=preprocess, gram_dtype=gram_dtype)
+                          criteria=criteria, preprocess=preprocess, gram_dtype=gram_dtype, gram_rows=gram_rows)
     with torch.inference_mode():
         cache = model.new_cache(batch=1, max_len=T)
         with model.observing(acc):

@@ -301,7 +301,11 @@ def parity(device="cuda", T=1024, new_tokens=8, k=5, draws=4096, model_path=None
 
     scores, heads = {}, {}
     for d, m in models.items():
-        grams = entropy.score_model(m, ids, chunk=T // 2, progress=False, criteria=("query/post_ntk",))
+        # the device sums its Grams in blocks of T // 8 tokens (gram_sum's GPU form, which a T this short would not
+        # reach by default), the CPU in one product per head: the two forms and devices against each other
+        rows = None if d == "cpu" else T // 8
+        grams = entropy.score_model(m, ids, chunk=T // 2, progress=False, criteria=("query/post_ntk",),
+                                    gram_rows=rows)
         s = entropy.head_scores(grams["query/post_ntk"], "trunc", r=1)
         assert s.device.type == torch.device(d).type, f"scores on {s.device}, the model on {d}"
         scores[d], heads[d] = s.cpu(), entropy.select_heads(s, k)

@@ -421,6 +421,10 @@ def test_score_model_chunked_prefill_gives_the_one_shot_grams(preprocess):
             torch.testing.assert_close(G[c][layer], ref, atol=1e-6 * ref.abs().max(), rtol=1e-6)
     G1 = score_model(model, tokens[0], criteria=("key/post_ntk",), chunk=45, preprocess=preprocess, progress=False)
     torch.testing.assert_close(G1["key/post_ntk"], G["key/post_ntk"], atol=1e-9, rtol=1e-9)
+    # gram_sum's blocks (a GPU's default form), here 5 tokens each: whole blocks and a tail in every chunk
+    Gb = score_model(model, tokens, chunk=16, preprocess=preprocess, progress=False, gram_rows=5)
+    for c in CRITERIA:
+        torch.testing.assert_close(Gb[c], G[c], atol=1e-9, rtol=1e-9)
     # Several calibration prompts: average the scores, not the Grams.
     other = score_model(model, tokens.flip(1), criteria=("key/post_ntk",), chunk=16, progress=False,
                         preprocess=preprocess)
