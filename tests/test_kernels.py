@@ -293,9 +293,14 @@ def test_gaussian_draws_match_dope_within_float32_ulps(start):
 
 
 @triton.jit
-def _sin_cos_probe(a_ptr, s_ptr, c_ptr, N, BLOCK: tl.constexpr):
+def _sin_cos_probe(a_ptr, s_ptr, c_ptr, N, BLOCK: tl.constexpr, WHOLE_RANGE: tl.constexpr):
+    """kernels._sin_cos (any float32 angle) or kernels._sin_cos_small (|a| <= pi/4) on N angles."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    s, c = kernels._sin_cos_small(tl.load(a_ptr + i, mask=i < N, other=0.0))
+    a = tl.load(a_ptr + i, mask=i < N, other=0.0)
+    if WHOLE_RANGE:
+        s, c = kernels._sin_cos(a)
+    else:
+        s, c = kernels._sin_cos_small(a)
     tl.store(s_ptr + i, s, mask=i < N)
     tl.store(c_ptr + i, c, mask=i < N)
 
@@ -308,19 +313,11 @@ def test_small_angle_sin_cos_within_one_ulp():
     a = (w.to(torch.float32) + 0.5) * 1.4629180792671596e-09
     a = a.to(DEVICE)
     s, c = torch.empty_like(a), torch.empty_like(a)
-    _sin_cos_probe[(triton.cdiv(a.numel(), 4096),)](a, s, c, a.numel(), BLOCK=4096)
+    _sin_cos_probe[(triton.cdiv(a.numel(), 4096),)](a, s, c, a.numel(), BLOCK=4096, WHOLE_RANGE=False)
     for got, ref in ((s, torch.sin(a.double())), (c, torch.cos(a.double()))):
         ulp = torch.finfo(torch.float32).eps * 2.0 ** torch.floor(torch.log2(ref.abs()))  # spacing of floats at ref
         assert ((got.double() - ref).abs() / ulp).max() <= 1.0
 
-
-
-@triton.jit
-def _rope_angle_probe(x_ptr, s_ptr, c_ptr, N, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    s, c = kernels._sin_cos(tl.load(x_ptr + i, mask=i < N, other=0.0))
-    tl.store(s_ptr + i, s, mask=i < N)
-    tl.store(c_ptr + i, c, mask=i < N)
 
 
 def test_rope_angle_sin_cos_over_the_whole_float32_position_range():
@@ -340,7 +337,7 @@ def test_rope_angle_sin_cos_over_the_whole_float32_position_range():
                    -(pos * freq)[:4096], torch.tensor([0.0, 105615.0, 105616.0, 2.0**24 - 1])))
     x = x.to(DEVICE)
     s, c = torch.empty_like(x), torch.empty_like(x)
-    _rope_angle_probe[(triton.cdiv(x.numel(), 4096),)](x, s, c, x.numel(), BLOCK=4096)
+    _sin_cos_probe[(triton.cdiv(x.numel(), 4096),)](x, s, c, x.numel(), BLOCK=4096, WHOLE_RANGE=True)
     for got, ref, name in ((s, torch.sin(x.double()), "sin"), (c, torch.cos(x.double()), "cos")):
         tiny = torch.finfo(torch.float32).tiny
         ulp = torch.finfo(torch.float32).eps * 2.0 ** torch.floor(torch.log2(ref.abs().clamp_min(tiny)))
