@@ -24,8 +24,7 @@ import torch
 import entropy
 from bench_model import PeakMemory, default_device, default_dtype, device_name, synchronize
 from dope import VARIANTS, DopePlan, apply_dope, remove_dope
-import model as model_py
-from model import Config, Transformer, parse_len, read_json
+from model import Config, Transformer, inv_freq_default, parse_len, read_json
 
 
 def parse_args(argv=None):
@@ -58,7 +57,7 @@ def gram_bench(a):
     print(f"{Path(a.model).name}'s shapes ({L} layers, {H} query / {Hkv} KV heads, d = {d}), q and k in {a.dtype}, "
           f"Grams in float32, {len(entropy.CRITERIA)} criteria, {device_name(a.device)}, median of {a.repeats}")
     print(f"{'tokens':>7} | {'one product per head s':>22} | {f'blocks of {rows} s':>16} {'ratio':>6} | max rel diff")
-    inv = model_py.inv_freq_default(cfg.rope_theta, d)
+    inv = inv_freq_default(cfg.rope_theta, d)
     rows_out = []
     for T in [parse_len(s) for s in a.lens.split(",")]:
         g = torch.Generator().manual_seed(0)
@@ -78,13 +77,13 @@ def gram_bench(a):
 
         with torch.inference_mode():
             run(T), run(rows)  # warm-up
-            times = {"per_head": [], "blocks": []}
+            times, grams = {"per_head": [], "blocks": []}, {}
             for _ in range(a.repeats):
                 for name, r in (("per_head", T), ("blocks", rows)):
-                    t, grams = run(r)
+                    t, grams[name] = run(r)
                     times[name].append(t)
-                    ref = grams if name == "per_head" else ref
-            diff = max(((grams[c] - ref[c]).abs().max() / ref[c].abs().max()).item() for c in ref)
+            ref, got = grams["per_head"], grams["blocks"]
+            diff = max(((got[c] - ref[c]).abs().max() / ref[c].abs().max()).item() for c in ref)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"{T:>7} | {med['per_head']:>22.4f} | {med['blocks']:>16.4f} {med['blocks'] / med['per_head']:>6.3f} | "
               f"{diff:.1e}", flush=True)

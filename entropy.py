@@ -201,8 +201,8 @@ def gram_sum(x, rows=None):
     On a CPU (rows None): one (d, T) @ (T, d) product per head. On a GPU that product leaves only h output tiles to
     spread over the multiprocessors (SmolLM2: 9 heads of d = 64, an H200 has 132 SMs), and SmolLM2's 64K scoring pass
     took 2x a plain prefill that way; so there the tokens are cut into blocks of GRAM_ROWS, each block's Gram one entry
-    of a single batched matmul, and the blocks add in float64 (on a CPU the blocks made the product 2x slower, at 8K
-    tokens, SmolLM2's shapes). rows: tokens per block, to choose; rows >= T is the one-product form."""
+    of a single batched matmul, and the blocks add in float64 (on a CPU the blocks were slower: `python bench_dope.py
+    --gram --device cpu` times both). rows: tokens per block, to choose; rows >= T is the one-product form."""
     B, h, T, d = x.shape
     rows = rows or (GRAM_ROWS if x.is_cuda else T)
     if rows >= T:

@@ -319,7 +319,6 @@ def test_small_angle_sin_cos_within_one_ulp():
         assert ((got.double() - ref).abs() / ulp).max() <= 1.0
 
 
-
 def test_rope_angle_sin_cos_over_the_whole_float32_position_range():
     """The from-frequencies launch's sin/cos of m theta_f: within 1.5 float32 ulps of sin, cos of the float32 angle
     (float64 reference) from 0 to 2^24 rad, the largest angle a float32 position can make with theta_f <= 1; among
@@ -329,7 +328,7 @@ def test_rope_angle_sin_cos_over_the_whole_float32_position_range():
     pos = torch.randint(0, 2**24, (2**16,), generator=g).to(torch.float32)
     freq = 10000.0 ** (-torch.rand(2**16, generator=g, dtype=torch.float64)).to(torch.float32)
     powers = 2.0 ** torch.arange(-20, 24, dtype=torch.float64)
-    near_half_pi = (torch.arange(1, 2**14, dtype=torch.float64) * 1021) * (torch.pi / 2)  # up to 2.6e7 / 1.57...
+    near_half_pi = (torch.arange(1, 2**14, dtype=torch.float64) * 1021) * (torch.pi / 2)  # k pi/2, k every 1021
     near_half_pi = near_half_pi[near_half_pi < 2**24].to(torch.float32)
     x = torch.cat((pos * freq, torch.linspace(0, 2**20, 2**15), powers.to(torch.float32),
                    torch.nextafter(powers.to(torch.float32), torch.tensor(0.0)), near_half_pi,
