@@ -313,7 +313,7 @@ def plot_by_multiple(per_setting, path):
                    for x in xs_all}
         for ax, what in ((ax_acc, "accuracy (%)"), (ax_lp, "mean log p of the answer")):
             ax.set_xscale("log", base=2)
-            ax.set_xticks(xs_all, [f"{x:g}x\n{prompts[x]} prompts" if prompts[x] else f"{x:g}x" for x in xs_all])
+            ax.set_xticks(xs_all, [f"{x:g}x\nn={prompts[x]}" if prompts[x] else f"{x:g}x" for x in xs_all])
             ax.minorticks_off()
             ax.set_ylabel(what)
             ax.set_title(f"{'noisy' if noisy else 'original'} needle, by context / native context", fontsize=9)
