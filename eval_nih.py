@@ -17,10 +17,11 @@ For each length and noise setting (the story of this file, top to bottom):
   4. the run: the tokens before a needle are the same for every prompt of the setting, so each head set prefills the
      haystack once and every prompt only its tail (exact shared-prefix reuse); a DoPE head set also starts at its
      first denoised layer from the baseline's hidden state (exact layer reuse). Greedy answers stop at a newline and
-     are scored by exact match of the needle's number (RULER's string match); the teacher-forced log-probability of
-     the right answer is recorded too. One JSON record per (prompt, method) is appended to results.jsonl as soon as
-     it is known, so a run interrupted on one machine resumes on another from the committed file (and on the same
-     machine also from its shared prefixes, saved in OUT/prefix-cache until the setting is complete).
+     are scored by RULER's string match (right when the needle's number appears in the answer); the teacher-forced
+     log-probability of the right answer is recorded too. One JSON record per (prompt, method) is appended to
+     results.jsonl as soon as that method has answered, so a run interrupted on one machine, even mid-prompt,
+     resumes on another from the committed file (and on the same machine also from its shared prefixes, saved in
+     OUT/prefix-cache until the setting is complete).
   5. report.py turns the records into tables with 95% intervals, verdicts and heatmaps (summary.md).
 
 The default rule (query, post_ntk, truncated entropy r = 1, 5 heads, ascending) is the paper's best original-64K row;
@@ -474,11 +475,16 @@ class HeadSetRunner:
         self.valid = len(stream)
 
     def prompt(self, ids: list, start: int, wanted, decode):
-        """Run the tail ids[start:] for the baseline and every wanted head set; decode(head_set, cache, logits) is
-        called for each while its cache holds the whole prompt."""
+        """Run the tail ids[start:] for the baseline and every wanted head set, in wanted's order; decode(head_set,
+        cache, logits) is called for each while its cache holds the whole prompt. Yields (head_set, decode's output
+        with prefill_seconds) as each head set finishes, so a caller can record it before the next one starts. The
+        baseline's tail always runs (the others read its lower layers), decoded only when wanted."""
         if start > self.valid:
             raise RuntimeError(f"the cached shared prefix holds {self.valid} positions, the prompt needs {start}: "
                                "run prompts deepest needle first")
+        return self._prompt(ids, start, wanted, decode)
+
+    def _prompt(self, ids, start, wanted, decode):
         for cache in self.caches.values():
             cache.rewind(min(cache.pos, start))
         base = self._cache(self.base_key)
@@ -487,9 +493,8 @@ class HeadSetRunner:
         t0 = time.time()
         logits = self._prefill(self.base_key, ids[start:], base, taps=taps)
         seconds = seconds_since(t0, logits)
-        out = {}
         if self.base_key in wanted:
-            out[self.base_key] = decode(self.base_key, base, logits) | {"prefill_seconds": seconds}
+            yield self.base_key, decode(self.base_key, base, logits) | {"prefill_seconds": seconds}
         for s in wanted:
             if s == self.base_key:
                 continue
@@ -497,10 +502,10 @@ class HeadSetRunner:
             cache = self._cache(s)
             logits = self._prefill(s, ids[start:], cache, hidden=taps)
             seconds = seconds_since(t0, logits)
-            out[s] = decode(s, cache, logits) | {"prefill_seconds": seconds}
+            out = decode(s, cache, logits) | {"prefill_seconds": seconds}
             if self.reuse != "prefix":
                 del self.caches[s]  # nothing to share with the next prompt
-        return out
+            yield s, out
 
 
 def seconds_since(t0: float, result: torch.Tensor) -> float:
@@ -780,7 +785,8 @@ def announce_work(model, calib, methods, missing, prompts, todo, length, extra, 
 
 
 def run_prompt(runner, model, tok, p: Prompt, need, stop, args):
-    """Run one prompt for the methods in need; yields (method, the record's per-prompt fields)."""
+    """Run one prompt for the methods in need; yields (method, the record's per-prompt fields) as each head set
+    finishes, so a stop mid-prompt keeps the methods already run."""
     answer = tok.encode(" " + p.value)
     prompt_ids = torch.tensor([p.ids], device=args.device)
 
@@ -789,15 +795,16 @@ def run_prompt(runner, model, tok, p: Prompt, need, stop, args):
                                  args.seed)
 
     start = p.needle_at if args.reuse == "prefix" else 0
-    outs = runner.prompt(p.ids, start, {m.head_set for m in need}, decode)
-    for m in need:
-        o = outs[m.head_set]
+    order = list(dict.fromkeys(m.head_set for m in need))  # methods' order: records come out in it
+    for head_set, o in runner.prompt(p.ids, start, order, decode):
         text = tok.decode(o["new"]).split("\n")[0]  # stop at a newline, as the paper does
-        yield m, dict(actual_depth=round(p.actual_depth, 4), key=p.key, expected=p.value, method=m.name,
-                      variant=m.variant, role=m.role, rule=m.rule, heads=m.heads, answer=text,
-                      score=score(text, p.value), logprob=round(o["logprob"], 6),
-                      prefill_seconds=round(o["prefill_seconds"], 2), decode_seconds=round(o["decode_seconds"], 2),
-                      first_layer=runner.sets[m.head_set], tail_tokens=len(p.ids) - start)
+        for m in (m for m in need if m.head_set == head_set):
+            yield m, dict(actual_depth=round(p.actual_depth, 4), key=p.key, expected=p.value, method=m.name,
+                          variant=m.variant, role=m.role, rule=m.rule, heads=m.heads, answer=text,
+                          score=score(text, p.value), logprob=round(o["logprob"], 6),
+                          prefill_seconds=round(o["prefill_seconds"], 2),
+                          decode_seconds=round(o["decode_seconds"], 2), first_layer=runner.sets[m.head_set],
+                          tail_tokens=len(p.ids) - start)
 
 
 def load_model(path: Path, length: int, native: int, args):

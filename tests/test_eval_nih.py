@@ -171,7 +171,7 @@ def run_grid(model, tok, prompts, methods, reuse, chunk=0, max_new=8, store=None
         def decode(head_set, cache, logits):
             return eval_nih.answer_and_decode(model, head_set, cache, logits, answer, ids, max_new, {tok.eos_id}, 42)
 
-        outs = runner.prompt(p.ids, p.needle_at if reuse == "prefix" else 0, sets, decode)
+        outs = dict(runner.prompt(p.ids, p.needle_at if reuse == "prefix" else 0, sets, decode))
         out.update({(d, t, m.name): outs[m.head_set] for m in methods})
     return out
 
@@ -278,7 +278,7 @@ def test_the_runner_refuses_a_prompt_past_the_cached_prefix(tok, smol):
     runner = eval_nih.HeadSetRunner(smol, [], 400, 20, 0, "prefix", "cpu", 42)
     shallow, deep = sorted((p for _, _, p in prompts), key=lambda p: p.needle_at)
     runner.prefix(b.stream(deep.needle_at), {("none", ())})
-    runner.prompt(shallow.ids, shallow.needle_at, {("none", ())}, lambda *a: {})
+    list(runner.prompt(shallow.ids, shallow.needle_at, {("none", ())}, lambda *a: {}))
     with pytest.raises(RuntimeError, match="deepest needle first"):
         runner.prompt(deep.ids, deep.needle_at, {("none", ())}, lambda *a: {})
 
@@ -299,7 +299,7 @@ def test_prefill_seconds_leave_out_the_decoding(tok, smol):
         return {"decode_seconds": 1.0}
 
     t0 = time.time()
-    outs = runner.prompt(p.ids, p.needle_at, sets, slow_decode)
+    outs = dict(runner.prompt(p.ids, p.needle_at, sets, slow_decode))
     wall = time.time() - t0
     assert set(outs) == sets and all(o["prefill_seconds"] > 0 for o in outs.values())
     # the two prefills and the two 1-s decodings ran one after the other inside `wall`: counted once each, they fit
@@ -437,31 +437,36 @@ def test_end_to_end_short_run_retrieves_and_resumes(tmp_path, monkeypatch):
 
 
 def test_an_interrupted_run_resumes_its_shared_prefix_from_disk(tmp_path, monkeypatch, capsys):
-    """A run stopped mid-setting leaves each head set's shared prefix in OUT/prefix-cache; the same command loads
-    them instead of prefilling the haystack again, its records equal an uninterrupted run's to the last digit, and
-    the folder is gone once the setting is complete. --prefix-cache none saves nothing."""
+    """A run stopped mid-prompt keeps the records of the methods that prompt already ran, and leaves each head set's
+    shared prefix in OUT/prefix-cache; the same command runs only the missing methods, loads the prefixes instead
+    of prefilling the haystack again, its records equal an uninterrupted run's to the last digit, and the folder is
+    gone once the setting is complete. --prefix-cache none saves nothing."""
     whole = run(parse_args(short_argv(tmp_path / "whole")))
     assert not (tmp_path / "whole" / "prefix-cache").exists()
     for out in ("cut", "none"):
         (tmp_path / out).mkdir()
         for calib in (tmp_path / "whole").glob("calib_*.json"):  # the same calibration: skip recomputing it
             (tmp_path / out / calib.name).write_bytes(calib.read_bytes())
-    real, written = eval_nih.append_record, []
+    real, calls = eval_nih.answer_and_decode, []
 
-    def crash_after_four(path, rec):
-        if len(written) == 4:
-            written.clear()
+    def stop_at_the_fifth(*a, **k):  # prompt 2 of 3 (depth 50%): the baseline is decoded, by-all is not
+        calls.append(1)
+        if len(calls) == 5:
             raise KeyboardInterrupt
-        written.append(rec)
-        real(path, rec)
+        return real(*a, **k)
 
-    monkeypatch.setattr(eval_nih, "append_record", crash_after_four)
+    monkeypatch.setattr(eval_nih, "answer_and_decode", stop_at_the_fifth)
     with pytest.raises(KeyboardInterrupt):
         run(parse_args(short_argv(tmp_path / "cut")))
+    kept = [json.loads(line) for line in (tmp_path / "cut" / "results.jsonl").read_text().splitlines()]
+    assert [(r["depth"], r["method"]) for r in kept] == \
+        [(1.0, "none"), (1.0, "all/asc"), (1.0, "all/random0"), (0.5, "none")]
     assert len(list((tmp_path / "cut" / "prefix-cache").glob("prefix_600_noisy0_*.kv"))) == 3  # none, all/asc, random
-    monkeypatch.setattr(eval_nih, "append_record", real)
+    calls.clear()
+    monkeypatch.setattr(eval_nih, "answer_and_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     capsys.readouterr()
     rows = run(parse_args(short_argv(tmp_path / "cut")))
+    assert len(calls) == 5  # the five missing cells, nothing decoded twice
     assert capsys.readouterr().out.count("positions loaded from") == 3
     assert [(r["cell"], r["answer"], r["logprob"]) for r in rows] == \
         [(r["cell"], r["answer"], r["logprob"]) for r in whole]
