@@ -9,7 +9,10 @@ import sys
 
 import torch
 
-TAIL_CHUNK = 4096  # a tail meets a cached prefix: its mask is tail x length, so bound it
+# A tail meets a cached prefix, so its attention needs an explicit bottom-right causal mask (chunk x length), and
+# with a mask SDPA computes the whole block where its causal kernel skips the upper triangle: a small chunk wastes
+# less of that work (the masked triangle is chunk/2 keys per query) and bounds the mask's memory.
+TAIL_CHUNK = 1024
 
 
 def first_layer(m, reuse: str, layers: bool = True) -> int:
