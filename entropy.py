@@ -201,7 +201,7 @@ def gram_sum(x, rows=None):
     On a CPU (rows None): one (d, T) @ (T, d) product per head. On a GPU that product leaves only h output tiles to
     spread over the multiprocessors (SmolLM2: 9 heads of d = 64, an H200 has 132 SMs), and SmolLM2's 64K scoring pass
     took 2x a plain prefill that way; so there the tokens are cut into blocks of GRAM_ROWS, each block's Gram one entry
-    of a single batched matmul, and the blocks add in float64 (on a CPU the blocks were slower: `python bench_dope.py
+    of a single batched matmul, and the blocks add in float64 (on a CPU the blocks were slower: `python -m bench.bench_dope
     --gram --device cpu` times both). rows: tokens per block, to choose; rows >= T is the one-product form."""
     B, h, T, d = x.shape
     rows = rows or (GRAM_ROWS if x.is_cuda else T)

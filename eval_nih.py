@@ -46,12 +46,12 @@ from pathlib import Path
 import torch
 
 import entropy
-import report
-from budget import TAIL_CHUNK, LayerProgress, check_memory, first_layer, plan_work
-from report import append_record, load_done
+from nih import report
+from nih.budget import TAIL_CHUNK, LayerProgress, check_memory, first_layer, plan_work
+from nih.report import append_record, load_done
 from dope import VARIANTS, DopePlan, apply_dope, remove_dope
 from model import Config, Tokenizer, Transformer, check_dynamic_chunks, parse_len, read_json
-from setup_weights import DEFAULT_MODEL_DIR, ensure_weights
+from tools.setup_weights import DEFAULT_MODEL_DIR, ensure_weights
 
 PROJECT = Path(__file__).resolve().parent
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "  # RULER's noise
@@ -816,7 +816,7 @@ def load_model(path: Path, length: int, native: int, args):
         factor = float(args.ntk)
     scaling = {"rope_type": "ntk", "factor": factor} if factor else {}
     if args.engine == "transformers":  # the same experiment on the engine people run (hf_dope.py)
-        from hf_dope import HFModel
+        from engines.hf_dope import HFModel
 
         model = HFModel.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device,
                                         rope_scaling=scaling, attn_implementation=args.attn,

@@ -624,7 +624,7 @@ class Tokenizer:
 if __name__ == "__main__":
     import time
 
-    from setup_weights import DEFAULT_MODEL_DIR  # weights/ next to this file, whatever the working directory
+    from tools.setup_weights import DEFAULT_MODEL_DIR  # weights/ next to this file, whatever the working directory
 
     p = argparse.ArgumentParser(description="Chat with a checkpoint through model.py")
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="an HF folder (default: %(default)s)")

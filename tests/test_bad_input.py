@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from dope import DopePlan, apply_dope
 from eval_nih import prefill_from
 from model import Config, Tokenizer, Transformer
-from setup_weights import ensure_weights
+from tools.setup_weights import ensure_weights
 
 VOCAB = 97
 TINY = Config(vocab_size=VOCAB, n_embd=32, n_hidden=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=8, max_pos=64,
@@ -243,7 +243,7 @@ def test_model_main_default_resolves_against_the_project(tmp_path):
     import sys
     from pathlib import Path
 
-    import setup_weights
+    from tools import setup_weights
 
     project = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, str(project / "model.py"), "--help"], cwd=tmp_path, capture_output=True,

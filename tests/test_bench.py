@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-import bench_dope
-import bench_model
+from bench import bench_dope
+from bench import bench_model
 from tiny import hf_tiny
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import bench_rope
+from bench import bench_rope
 
 ROOT = Path(__file__).resolve().parents[1]
 # LLaMA-3-8B's attention at 4K in bf16: B = 1, 32 query / 8 KV heads, d = 128, 2 bytes an element
@@ -55,7 +55,7 @@ def test_implied_time_at_the_published_bandwidth():
 
 @pytest.mark.skipif(bench_rope.torch.cuda.is_available(), reason="checks the output without a GPU")
 def test_prints_the_model_without_a_gpu():
-    r = subprocess.run([sys.executable, "bench_rope.py", "--seq-lens", "4096", "--dtypes", "bf16"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "bench.bench_rope", "--seq-lens", "4096", "--dtypes", "bf16"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "88.1 |           0.0263 |           0.0432" in r.stdout  # plain, tables: MB, H100 ms, A100 ms

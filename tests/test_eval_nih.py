@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-import budget
+from nih import budget
 import eval_nih
 from eval_nih import Method, PromptBuilder, answer_logprob, control_heads, parse_args, run, score
 from model import parse_len
-from setup_weights import DEFAULT_MODEL_DIR
+from tools.setup_weights import DEFAULT_MODEL_DIR
 from model import Tokenizer
-from setup_weights import ensure_weights
+from tools.setup_weights import ensure_weights
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpu_check
-from gpu_check import ARCHS, Step, estimate
+from bench import gpu_check
+from bench.gpu_check import ARCHS, Step, estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_refuses_without_cuda(tmp_path):
     out = tmp_path / "report.json"
     env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}  # hides a GPU where there is one
-    r = subprocess.run([sys.executable, "gpu_check.py", "--out", str(out), "--work", str(tmp_path / "work")], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(out), "--work", str(tmp_path / "work")], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "no CUDA device" in r.stderr and "nothing was run" in r.stderr
@@ -33,7 +33,7 @@ def test_dry_run_lists_every_step(capsys):
     for s in gpu_check.steps():
         assert s.name in text and " ".join(s.command) in text
     assert "eval_nih.py --len 64k --variant parts --device cuda --out" in text  # the card's command
-    assert "tests/test_kernels.py" in text and "bench_rope.py" in text and "bench_dope.py --device cuda" in text
+    assert "tests/test_kernels.py" in text and "bench.bench_rope" in text and "bench.bench_dope --device cuda" in text
 
 
 def test_unknown_step_is_an_error(capsys):
@@ -45,7 +45,7 @@ def test_unknown_step_is_an_error(capsys):
 def test_runner_writes_one_report(tmp_path, monkeypatch):
     """ok, failing, timed-out and skipped steps, each recorded with its output and the numbers it wrote."""
     monkeypatch.setattr(gpu_check, "cuda_ready", lambda: (True, "a pretend GPU"))
-    monkeypatch.setattr("setup_weights.ensure_weights", lambda name: None)
+    monkeypatch.setattr("tools.setup_weights.ensure_weights", lambda name: None)
     numbers = tmp_path / "numbers.json"
     py = sys.executable
     plan = [

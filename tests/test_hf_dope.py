@@ -11,12 +11,12 @@ import torch
 import entropy
 from dope import DopePlan, apply_dope, remove_dope
 from model import Config, Tokenizer, Transformer, rope_params
-from setup_weights import SetupError, ensure_weights
+from tools.setup_weights import SetupError, ensure_weights
 from test_real_models import TEXT
 from tiny import ROPE_TYPES, hf_tiny, ours
 
 transformers = pytest.importorskip("transformers")
-from hf_dope import HFModel  # noqa: E402
+from engines.hf_dope import HFModel  # noqa: E402
 
 NTK = {"rope_type": "ntk", "factor": 2.0}  # the paper's static "Dynamic NTK", which transformers lacks
 VARIANTS = {"parts": {}, "all": {}, "gaussian": {}, "gaussian-v1": dict(gaussian_form="v1")}  # v1: the additive term
@@ -304,6 +304,6 @@ def test_a_refactored_attention_that_bypasses_the_hooks_fails_loudly(tiny, idx):
 
 def test_missing_transformers_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
-    monkeypatch.delitem(sys.modules, "hf_dope")
+    monkeypatch.delitem(sys.modules, "engines.hf_dope")
     with pytest.raises(ImportError, match="needs the `transformers` package"):
-        importlib.import_module("hf_dope")
+        importlib.import_module("engines.hf_dope")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import Tokenizer, Transformer
-from setup_weights import SetupError, ensure_weights, permute_llama_qk
+from tools.setup_weights import SetupError, ensure_weights, permute_llama_qk
 
 TEXT = (
     "Rotary position embedding rotates each query and key vector by an angle proportional to its position, so that "

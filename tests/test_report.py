@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import report
+from nih import report
 
 
 def rows_for(scores: dict, logprobs: dict | None = None, length=4096, native=8192):

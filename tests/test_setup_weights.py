@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model  # noqa: E402
-import setup_weights as sw  # noqa: E402
+import tools.setup_weights as sw  # noqa: E402
 
 # --------------------------------------------------------------------------
 # llama.cpp's q/k permutation
@@ -602,7 +602,7 @@ def test_manifest_format(fake_model):
 def test_defaults_resolve_against_the_project_not_the_working_directory(tmp_path):
     project = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in __import__("os").environ.items() if k != "DOPE_WEIGHTS_DIR"}
-    code = "import setup_weights as sw; print(sw.PROJECT); print(sw.DEFAULT_OUT); print(sw.DEFAULT_MODEL_DIR)"
+    code = "import tools.setup_weights as sw; print(sw.PROJECT); print(sw.DEFAULT_OUT); print(sw.DEFAULT_MODEL_DIR)"
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(project)},
                          capture_output=True, text=True, check=True)
     assert run.stdout.splitlines() == [str(project), str(project / "weights"),

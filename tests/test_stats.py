@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 
 import math
 
-from stats import median_interval, median_shift, newcombe_paired, paired, paired_median, sign_test, wilson
+from nih.stats import median_interval, median_shift, newcombe_paired, paired, paired_median, sign_test, wilson
 
 
 def test_wilson_known_values():

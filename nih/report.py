@@ -18,7 +18,7 @@ import statistics
 import warnings
 from pathlib import Path
 
-from stats import median_shift, newcombe_paired, paired, paired_median, paired_table, wilson
+from nih.stats import median_shift, newcombe_paired, paired, paired_median, paired_table, wilson
 
 RULES = ("Decision rules: an accuracy difference counts when Newcombe's paired 95% interval excludes 0; a "
          "log-probability shift counts when the exact 95% interval of the median paired difference (the sign test's "

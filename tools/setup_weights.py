@@ -16,7 +16,7 @@ leaves a half-written model behind. A finished folder holds a `.complete` marker
 size and sha256 of every file). A folder that still matches it is left alone; a damaged one (or one without a
 manifest) is rebuilt from the cached GGUF, or refused, naming the damaged file, when the GGUF cannot be had.
 
-Usage: python setup_weights.py [smollm2|qwen2.5-coder-0.5b|all] [--out weights] [--dtype bf16|fp32] [--force]
+Usage: python -m tools.setup_weights [smollm2|qwen2.5-coder-0.5b|all] [--out weights] [--dtype bf16|fp32] [--force]
 From Python, ensure_weights("smollm2") returns the folder's Path. weights/ is the folder next to this script whatever
 the working directory (DEFAULT_OUT; $DOPE_WEIGHTS_DIR moves it). Offline, pip's own environment variables apply,
 e.g. PIP_NO_INDEX=1 PIP_FIND_LINKS=/path/to/wheels.
@@ -51,7 +51,7 @@ from tqdm import tqdm
 # "already complete" path stays quick.
 
 CONVERTER_VERSION = 1  # bump when the output changes: folders built by an older version are then rebuilt
-PROJECT = Path(__file__).resolve().parent  # defaults resolve against it, never the working directory
+PROJECT = Path(__file__).resolve().parents[1]  # defaults resolve against it, never the working directory
 DEFAULT_OUT = Path(os.environ["DOPE_WEIGHTS_DIR"]).expanduser().resolve() if os.environ.get("DOPE_WEIGHTS_DIR") \
     else PROJECT / "weights"
 DEFAULT_MODEL = "smollm2"

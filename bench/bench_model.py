@@ -1,9 +1,9 @@
 """
 Prefill speed and peak memory of model.py vs transformers on the same weights, side by side in one run.
 
-    python bench_model.py                       # 1K, 4K, 8K tokens; float32 and bfloat16; SmolLM2
-    python bench_model.py --long 64k            # also: peak memory of a chunked 64K prefill of model.py
-    python bench_model.py --device cuda --lens 4k,16k,64k   # on a GPU (the default where one is present): bfloat16
+    python -m bench.bench_model                       # 1K, 4K, 8K tokens; float32 and bfloat16; SmolLM2
+    python -m bench.bench_model --long 64k            # also: peak memory of a chunked 64K prefill of model.py
+    python -m bench.bench_model --device cuda --lens 4k,16k,64k   # on a GPU (the default where one is present): bfloat16
 
 Each measurement runs in a fresh subprocess so that its peak memory is its own: the process's peak resident memory
 (ru_maxrss) on the CPU, torch.cuda.max_memory_allocated on a GPU (weights, cache and activations in both cases).
@@ -153,8 +153,8 @@ def measure(impl, path, T, dtype, repeats, chunk, device="cpu"):
 
 
 def run_child(impl, path, T, dtype, repeats, chunk=None, device="cpu"):
-    cmd = [sys.executable, __file__, "--child", json.dumps([impl, path, T, dtype, repeats, chunk, device])]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "bench.bench_model", "--child", json.dumps([impl, path, T, dtype, repeats, chunk, device])]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if out.returncode:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -184,7 +184,7 @@ def main(argv=None):
         print(json.dumps(measure(*json.loads(a.child))))
         return
     if a.model is None:  # the packaged default, resolved against the project (not the working directory)
-        from setup_weights import ensure_weights
+        from tools.setup_weights import ensure_weights
 
         a.model = str(ensure_weights("smollm2"))
     import torch

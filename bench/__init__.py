@@ -1,0 +1,1 @@
+"""Speed, memory and the GPU check: each file runs as `python -m bench.<name>` from the repository root."""

@@ -1,0 +1,1 @@
+"""DoPE inside other engines: transformers (hf_dope.py)."""
