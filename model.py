@@ -289,6 +289,9 @@ class Attention(nn.Module):
         # Optional observer(layer, q, k, pos) called with q and k before rotation; entropy.py sets it (through
         # Transformer.observing) to score heads. None means nothing is observed.
         self.observer = None
+        # Optional probe(layer, q, k, pos) called with what attention sees: the rotated queries (B, H, T, d) and every
+        # key so far (B, h, S, d), key j at position j. entropy.py's attention probe sets it (Transformer.probing).
+        self.probe = None
 
     def forward(self, x, cos, sin, pos, cache=None, mask=None):
         B, T, _ = x.shape
@@ -303,6 +306,8 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, T, d)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, h, S, d), S = cached + T
+        if self.probe is not None:  # entropy.py reads the attention weights of a few queries
+            self.probe(self.layer, q, k, pos)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=k.shape[1] != self.n_head)  # (B, H, T, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
@@ -400,6 +405,18 @@ class Transformer(nn.Module):
         finally:
             for block in self.layers:
                 block.self_attn.observer = None
+
+    @contextmanager
+    def probing(self, probe):
+        """Call probe(layer, q (B, H, T, d), k (B, h, S, d), pos (T,)) in every layer with the rotated queries and
+        all the keys attention sees (key j is position j), inside the with block (entropy.py's attention probe)."""
+        for block in self.layers:
+            block.self_attn.probe = probe
+        try:
+            yield
+        finally:
+            for block in self.layers:
+                block.self_attn.probe = None
 
     @torch.inference_mode()
     def prefill(self, idx, cache, chunk: int = 2048, progress=None):
