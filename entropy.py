@@ -443,3 +443,116 @@ def plot_scores(scores, selected, path, title="head scores", label="score"):
     ax.set_title(f"{title}\n({len(selected)} selected heads boxed in red)" if len(selected) else title)
     fig.savefig(path, dpi=120)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. What a low-entropy head does: its attention (the sink the spike stands for)
+#
+# The paper's mechanism (v1 Sec. 4.2, v2 Lemma 3.1 and Sec. 5.4): the slow RoPE bands of a spiky head add up
+# coherently, so every query points the same way, and the head's attention piles onto the first tokens (an attention
+# sink, the bright columns of the paper's Figures 2-4 and 6). The probe reads the attention weights a forward
+# computes, for a few query rows, so that a head's score can be set beside where its attention goes.
+
+SINK_THRESHOLD = 0.3  # a sink head: mean attention on the first token above this (Gu et al.'s Attention-Sink study)
+
+
+class AttentionProbe:
+    """Collect softmax(q k^T / sqrt(d)) of the query positions `queries` over every key, per layer and head, as a
+    model's attention computes it: on the rotated q and k that attention sees (the RoPE scaling in use, a DoPE plan's
+    per-head tables, GQA's shared keys), with the causal mask (key j is visible from position p iff j <= p).
+
+    Pass it to model.probing(probe) around a chunked prefill: each layer calls probe(layer, q (1, H, t, d),
+    k (1, h, S, d), pos (t,)) with the chunk's rotated queries and all S keys so far, so the chunk holds positions
+    S - t .. S - 1 (read from the shapes: the probe never reads a value back from the device). Only the wanted rows are
+    formed, so memory is layers x heads x queries x T floats, linear in T (never T x T).
+    weights: (L, H, Q, T) float32 on the model's device; row i is the query at queries[i] (ascending), zero past it.
+    """
+
+    def __init__(self, n_layer: int, n_head: int, queries, length: int):
+        queries = sorted(int(p) for p in queries)
+        if not queries:
+            raise ValueError("the probe needs at least one query position")
+        bad = [p for p in queries if not 0 <= p < length]
+        if bad:
+            raise ValueError(f"query positions {bad} are outside the prompt of {length} tokens (0 .. {length - 1})")
+        if len(set(queries)) != len(queries):
+            raise ValueError(f"query positions repeat: {queries}")
+        self.queries, self.length, self.shape = queries, length, (n_layer, n_head, len(queries), length)
+        self.weights = None  # allocated on the first call, on the device the model computes on
+        self.seen = [0] * n_layer  # rows computed per layer
+
+    def __call__(self, layer, q, k, pos):
+        if q.shape[0] != 1:
+            raise ValueError(f"the attention probe reads one sequence, got a batch of {q.shape[0]}")
+        H, t, d = q.shape[1:]
+        h, S = k.shape[1], k.shape[2]  # h: KV heads, or H when a DoPE plan rotated the keys per query head
+        start = S - t  # the chunk's first position
+        i = [n for n, p in enumerate(self.queries) if start <= p < S]  # rows of weights in this chunk, ascending
+        if not i:
+            return
+        if self.weights is None:
+            self.weights = torch.zeros(self.shape, device=q.device)  # (L, H, Q, T)
+        lo, hi = self.queries[i[0]] - start, self.queries[i[-1]] - start + 1
+        contiguous = hi - lo == len(i)
+        rows = slice(lo, hi) if contiguous else torch.tensor([self.queries[n] - start for n in i], device=q.device)
+        qs = q[0, :, rows].float().reshape(h, H // h, len(i), d)  # (h, g, n, d): query head j uses key head j // g
+        att = qs @ k[0].float().transpose(-1, -2)[:, None] / math.sqrt(d)  # (h, g, n, S)
+        p = (torch.arange(lo, hi, device=q.device) if contiguous else rows) + start  # (n,) positions of the rows
+        att = att.masked_fill(torch.arange(S, device=q.device)[None] > p[:, None], float("-inf"))  # causal
+        self.weights[layer, :, i[0]:i[-1] + 1, :S] = torch.softmax(att, dim=-1).reshape(H, len(i), S)  # (H, n, S)
+        self.seen[layer] += len(i)
+
+
+def attention_probe(model, tokens, queries=None, *, chunk=2048, progress=False, device=None):
+    """Attention weights (L, H, Q, T) of the query positions `queries` (default: the last 32, the question and the
+    answer prefix of a needle prompt) over all T tokens, from one chunked prefill of `tokens` (T,) or (1, T).
+
+    The model is duck-typed as in score_model, plus model.probing(probe) (a context manager inside which every layer
+    calls probe(layer, q, k, pos) with the rotated queries and all keys so far). It costs one prefill: the probe forms
+    only its Q rows per layer. Returns (weights, queries).
+    """
+    from tqdm.auto import tqdm
+
+    if device is None:
+        device = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        device = getattr(device, "device", None)
+    tokens = torch.as_tensor(tokens, device=device)
+    if tokens.ndim == 1:
+        tokens = tokens[None]  # (1, T)
+    if tokens.ndim != 2 or tokens.shape[0] != 1:
+        raise ValueError(f"tokens must be (T,) or (1, T), got {tuple(tokens.shape)}")
+    T = tokens.shape[1]
+    if queries is None:
+        queries = range(max(0, T - 32), T)
+    cfg = model.config
+    probe = AttentionProbe(cfg.n_layer, cfg.n_head, list(queries), T)
+    with torch.inference_mode():
+        cache = model.new_cache(batch=1, max_len=T)
+        with model.probing(probe):
+            for start in tqdm(range(0, T, chunk), desc="attention probe", unit="chunk", disable=not progress):
+                model(tokens[:, start:start + chunk], cache=cache)
+    assert probe.seen == [len(probe.queries)] * cfg.n_layer, "the probe missed query rows: does every layer call it?"
+    return probe.weights, torch.tensor(probe.queries)
+
+
+def attention_mass(weights, queries, spans: dict, recent: int = 64) -> dict:
+    """Per-head share of attention, averaged over the query rows: dict name -> (L, H).
+
+    spans: name -> (start, stop) key ranges, e.g. {"first": (0, 1), "first4": (0, 4), "needle": (a, b)}; "recent" is
+    added: the mass on the `recent` most recent keys of each query (its own position included).
+    """
+    L, H, Q, T = weights.shape
+    out = {}
+    for name, (a, b) in spans.items():
+        if not 0 <= a < b <= T:
+            raise ValueError(f"span {name!r} = ({a}, {b}) is not inside the prompt of {T} tokens")
+        out[name] = weights[..., a:b].sum(-1).mean(-1)  # (L, H)
+    j, queries = torch.arange(T, device=weights.device), torch.as_tensor(queries, device=weights.device)
+    near = (j[None] <= queries[:, None]) & (j[None] > queries[:, None] - recent)  # (Q, T)
+    out["recent"] = (weights * near).sum(-1).mean(-1)  # (L, H)
+    return out
+
+
+def sink_heads(first_mass, threshold: float = SINK_THRESHOLD):
+    """Which heads are sink heads: mean attention on the first token above `threshold` (L, H) bool."""
+    return torch.as_tensor(first_mass) > threshold

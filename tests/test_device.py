@@ -216,6 +216,19 @@ def test_scoring_pass_stays_on_the_device(preprocess, gram_dtype):
     assert len(heads) == 3 and host.reads.get("tolist")
 
 
+@pytest.mark.parametrize("plan", ["none", "parts", "gaussian"])
+def test_attention_probe_stays_on_the_device_and_reads_nothing_back(plan):
+    """The probe's rows, mask and weights live where q and k are; it learns the chunk's positions from the shapes, so
+    it reads no value back to the host (no sync per layer on a GPU)."""
+    m = meta_model()
+    if PLANS[plan]:
+        apply_dope(m, DopePlan(HEADS, **PLANS[plan]))
+    with HostReads() as host:
+        w, q = entropy.attention_probe(m, torch.zeros(1, 40, dtype=torch.long), [3, 17, 30, 39], chunk=16)
+    assert w.device == META and w.shape == (2, 4, 4, 40) and q.tolist() == [3, 17, 30, 39]
+    assert not host.reads
+
+
 def test_gram_accumulator_allocates_on_the_first_q_or_a_given_device():
     f = torch.ones(4)
     q, k, pos = torch.zeros(1, 4, 5, 8, device=META), torch.zeros(1, 2, 5, 8, device=META), torch.arange(5, device=META)

@@ -1,0 +1,153 @@
+"""entropy.py's attention probe (AttentionProbe, attention_probe, attention_mass): the attention weights it returns are
+the ones the forward computes, against a dense softmax(q k^T / sqrt(d)) built independently (plain and under each
+DoPE variant, chunked, GQA) and against transformers' eager attention weights on the packaged model."""
+
+import math
+
+import pytest
+import torch
+
+import entropy
+from dope import DopePlan, apply_dope, remove_dope
+from model import Transformer, apply_rope, rope_cos_sin
+from tiny import hf_tiny, ours
+
+VARIANTS = [None, "parts", "all", "gaussian"]
+HEADS = [(0, 1), (1, 2), (1, 3)]  # both layers; in layer 1 both query heads of one KV group
+
+
+def dense_reference(model, ids):
+    """softmax(q k^T / sqrt(d)) over the whole prompt, T x T, from the pre-rotation q and k (the observer seam) rotated
+    here with the same tables attention uses (shared cos/sin, or the plan's per-head ones), keys repeated per group."""
+    qk = {}
+    with torch.inference_mode(), model.observing(lambda layer, q, k, pos: qk.__setitem__(layer, (q, k, pos))):
+        model(ids)  # one forward, no cache: the observer sees every position at once
+    out = []
+    inv_freq, scale = model.rope_inv_freq(seq_len=ids.shape[1]), 1.0
+    for layer, (q, k, pos) in sorted(qk.items()):
+        cos, sin = rope_cos_sin(inv_freq, pos, scale)  # (T, d)
+        attn = model.layers[layer].self_attn
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (1, H, T, d)
+        if attn.head_rope is not None:
+            cos, sin, add = attn.head_rope(cos, sin, pos)  # (H, T, d)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if add is not None:
+                q, k = q + add[0], k + add[1]
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        T = ids.shape[1]
+        s = q[0] @ k[0].transpose(-1, -2) / math.sqrt(q.shape[-1])  # (H, T, T)
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        out.append(torch.softmax(s, -1))
+    return torch.stack(out)  # (L, H, T, T)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return ours(hf_tiny("llama", rope={"rope_type": "dynamic", "factor": 2.0}), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_probe_equals_a_dense_softmax_plain_and_under_each_dope_variant(tiny, variant):
+    """Chunked (chunks of 5 over 23 tokens, rows in three chunks) with GQA's shared keys: each probed row equals the
+    dense T x T reference's row, and sums to 1 over the keys it may see."""
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(1))
+    if variant:
+        apply_dope(tiny, DopePlan(HEADS, variant), inv_freq=tiny.rope_inv_freq(scaled=False))
+    try:
+        queries = [0, 3, 4, 9, 17, 21, 22]
+        w, q = entropy.attention_probe(tiny, ids, queries, chunk=5)
+        ref = dense_reference(tiny, ids)
+    finally:
+        remove_dope(tiny)
+    assert w.shape == (2, 4, len(queries), 23) and q.tolist() == queries
+    torch.testing.assert_close(w, ref[:, :, queries], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, len(queries)), atol=1e-6, rtol=0)
+    for n, p in enumerate(queries):
+        assert (w[:, :, n, p + 1:] == 0).all()  # causal: nothing after the query's own position
+
+
+def test_probe_under_dope_differs_from_plain_only_on_the_plans_heads(tiny):
+    """A plan moves the attention of the heads it names and of no other head of their layer (layer 0 here; the layers
+    above see layer 0's changed output, so they are not compared)."""
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    plain, _ = entropy.attention_probe(tiny, ids, chunk=8)
+    apply_dope(tiny, DopePlan([(0, 1)], "all"))
+    try:
+        dope_w, _ = entropy.attention_probe(tiny, ids, chunk=8)
+    finally:
+        remove_dope(tiny)
+    moved = (dope_w - plain).abs().amax(dim=(-1, -2))  # (L, H)
+    assert moved[0, 1] > 1e-3
+    assert moved[0, [0, 2, 3]].max() < 1e-6  # float rounding: with a plan the keys are rotated per query head
+
+
+def test_probe_reproduces_the_attention_output(tiny):
+    """The probe's weights times the values give the output SDPA computed (the probe sees what attention sees)."""
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 15), generator=torch.Generator().manual_seed(3))
+    attn = tiny.layers[1].self_attn
+    got = {}
+    h1 = attn.v_proj.register_forward_hook(lambda m, a, out: got.__setitem__("v", out))
+    h2 = attn.o_proj.register_forward_hook(lambda m, a, out: got.__setitem__("y", a[0]))
+    try:
+        w, q = entropy.attention_probe(tiny, ids, chunk=15)
+    finally:
+        h1.remove(), h2.remove()
+    v = got["v"].view(1, 15, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)[0]  # (H, T, d)
+    y = got["y"].view(1, 15, 4, 16).transpose(1, 2)[0, :, q]  # (H, Q, d)
+    torch.testing.assert_close(w[1] @ v, y, atol=1e-5, rtol=1e-4)
+
+
+def test_probe_equals_transformers_eager_attention_weights_on_the_packaged_model():
+    """SmolLM2-135M-Instruct in float32: the probe's rows equal transformers' eager `output_attentions` for the same
+    prompt, in every layer and head."""
+    from transformers import AutoModelForCausalLM
+
+    from tools.setup_weights import ensure_weights
+
+    path = ensure_weights("smollm2")
+    model = Transformer.from_pretrained(path, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(4))
+    w, q = entropy.attention_probe(model, ids, chunk=16)
+    with torch.inference_mode():
+        att = torch.stack(ref(ids, output_attentions=True).attentions)[:, 0]  # (L, H, T, T)
+    assert q.tolist() == list(range(16, 48))
+    torch.testing.assert_close(w, att[:, :, 16:], atol=2e-6, rtol=1e-4)
+
+
+def test_attention_mass_sums_the_named_spans_and_the_recent_window():
+    w = torch.zeros(1, 2, 2, 10)
+    w[0, 0, 0, [0, 5, 6]] = torch.tensor([0.5, 0.25, 0.25])  # query at 6
+    w[0, 0, 1, [0, 1, 9]] = torch.tensor([0.2, 0.3, 0.5])  # query at 9
+    w[0, 1, :, 0] = 1.0
+    m = entropy.attention_mass(w, torch.tensor([6, 9]), {"first": (0, 1), "first4": (0, 4), "needle": (5, 7)},
+                               recent=3)
+    torch.testing.assert_close(m["first"], torch.tensor([[0.35, 1.0]]))
+    torch.testing.assert_close(m["first4"], torch.tensor([[0.5, 1.0]]))
+    torch.testing.assert_close(m["needle"], torch.tensor([[0.25, 0.0]]))
+    torch.testing.assert_close(m["recent"], torch.tensor([[0.5, 0.0]]))  # keys 4..6 for row 0, 7..9 for row 1
+    assert entropy.sink_heads(m["first"]).tolist() == [[True, True]]
+    assert entropy.sink_heads(m["first"], threshold=0.5).tolist() == [[False, True]]
+
+
+@pytest.mark.parametrize("queries, match", [
+    ([5, 40], r"query positions \[40\] are outside the prompt of 20 tokens"),
+    ([-1], r"query positions \[-1\] are outside"),
+    ([], "at least one query position"),
+    ([3, 3], "repeat"),
+])
+def test_probe_refuses_queries_outside_the_prompt(tiny, queries, match):
+    ids = torch.zeros(1, 20, dtype=torch.long)
+    with pytest.raises(ValueError, match=match):
+        entropy.attention_probe(tiny, ids, queries)
+
+
+def test_attention_mass_refuses_a_span_outside_the_prompt():
+    with pytest.raises(ValueError, match=r"span 'needle' = \(8, 12\) is not inside the prompt of 10 tokens"):
+        entropy.attention_mass(torch.zeros(1, 1, 1, 10), torch.tensor([9]), {"needle": (8, 12)})
+
+
+def test_probe_refuses_a_batch(tiny):
+    with pytest.raises(ValueError, match="tokens must be"):
+        entropy.attention_probe(tiny, torch.zeros(2, 8, dtype=torch.long))
