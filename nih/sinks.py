@@ -88,7 +88,7 @@ def measure(args) -> dict:
     model_path = Path(args.model)
     grid = eval_nih.parse_args(["--len", str(length), "--noisy", str(noisy), "--model", str(model_path),
                                 "--variant", "parts,gaussian", "--order", "parts:asc,parts:flat,gaussian:asc",
-                                "--out", str(args.calib_dir or args.out)])
+                                "--depths", str(args.depths), "--out", str(args.calib_dir or args.out)])
     cfg = eval_nih.check_inputs(grid)
     tok = Tokenizer(model_path)
     model, factor = eval_nih.load_model(model_path, length, cfg.max_pos, grid)
@@ -99,6 +99,25 @@ def measure(args) -> dict:
     sel = eval_nih.Selector(calib)
     scores = {name: sel.scores(dict(criterion="query/post_ntk", metric=m, r=r)) for name, (m, r) in SCORES.items()}
 
+    L, H = model.config.n_layer, model.config.n_head
+    methods = eval_nih.methods_for(sel, grid, L, H, length, noisy)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = json.loads((out / "sinks.json").read_text()) if (out / "sinks.json").exists() else {}
+    if [done.get(k) for k in ("length", "noisy", "model_id")] == [length, noisy, ident["model"]]:
+        print(f"{out / 'sinks.json'}: this setting's scores and sink masses are on disk; not probed again")
+        summary = done
+    else:
+        summary = probe_calibration(model, tok, builder, grid, scores, methods, factor, ident, args, out)
+    if args.test_depths:
+        summary["tests"] = by_method(model, tok, builder, methods, grid, args, out)
+        eval_nih.write_atomic(out / "sinks.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    return summary
+
+
+def probe_calibration(model, tok, builder, grid, scores, methods, factor, ident, args, out: Path) -> dict:
+    """Measurement 1: the calibration prompt's attention against each head's score."""
+    length, noisy, model_path = grid.len[0], grid.noisy[0], Path(grid.model)
     p = builder.build(length, 0.5, eval_nih.CALIB_KEY, eval_nih.needle_value(grid.seed, "calib", length), noisy)
     spans = spans_of(tok, p, noisy, grid.needle)
     t0 = time.time()
@@ -108,8 +127,7 @@ def measure(args) -> dict:
     mass = entropy.attention_mass(weights.cpu(), queries, spans)
     last_row = weights[:, :, -1].cpu()  # (L, H, T): the answer position's attention, for the picture
     del weights
-    L, H = model.config.n_layer, model.config.n_head
-    methods = eval_nih.methods_for(sel, grid, L, H, length, noisy)
+    H = model.config.n_head
     sets = {m.name: [list(h) for h in m.heads] for m in methods if m.heads}
     first = mass["first"].flatten()
     order = first.argsort(descending=True)
@@ -119,8 +137,9 @@ def measure(args) -> dict:
                           h1=round(float(scores["h1"][h[0], h[1]]), 4), p1=round(float(scores["p1"][h[0], h[1]]), 4))
                      for h in heads] for name, heads in sets.items()}
     summary = dict(
-        length=length, noisy=noisy, multiple=length / cfg.max_pos, ntk_factor=factor, model=model_path.name,
+        length=length, noisy=noisy, multiple=length / model.config.max_pos, ntk_factor=factor, model=model_path.name,
         model_id=ident["model"], queries=[int(queries[0]), int(queries[-1])], spans=spans, probe_seconds=seconds,
+        native=model.config.max_pos,
         spearman_h1_sink=spearman(scores["h1"], first), spearman_h1_sink_ci=bootstrap_interval(scores["h1"], first),
         spearman_p1_sink=spearman(scores["p1"], first), spearman_p1_sink_ci=bootstrap_interval(scores["p1"], first),
         spearman_vanilla_sink=spearman(scores["vanilla"], first),
@@ -129,13 +148,9 @@ def measure(args) -> dict:
         sink_heads=float(entropy.sink_heads(mass["first"]).float().mean()), sink_threshold=entropy.SINK_THRESHOLD,
         head_sets=placed, scores={k: [[round(float(v), 6) for v in row] for row in s] for k, s in scores.items()},
         mass=head_table(mass))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.pictures:
         window = window_maps(model, p.ids[:WINDOW], [placed["parts/asc"][0]["head"], highest_entropy(scores["h1"])])
         draw_setting(summary, last_row, window, out)
-    if args.methods:
-        summary["methods"] = by_method(model, methods, p, spans, summary, args)
     eval_nih.write_atomic(out / "sinks.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     return summary
 
@@ -165,23 +180,46 @@ def window_maps(model, ids, heads) -> dict:
     return out
 
 
-def by_method(model, methods, p, spans, summary, args) -> dict:
-    """Measurement 2: the prompt under each method, the heads' masses beside the baseline's."""
+def by_method(model, tok, builder, methods, grid, args, out: Path) -> list:
+    """Measurement 2: test prompts the grid answered (trial 0 at each of --test-depths), under each of its methods:
+    every head's sink and needle mass, beside the record's answer and log p. One file per (depth, method), written
+    as it finishes; a rerun skips the ones on disk."""
     from dope import DopePlan, apply_dope, remove_dope
 
-    out = {}
-    for m in methods:
-        if m.heads:
-            apply_dope(model, DopePlan([tuple(h) for h in m.heads], m.variant, seed=args.seed),
-                       inv_freq=model.rope_inv_freq(scaled=False))
-        try:
-            w, q = entropy.attention_probe(model, p.ids, range(len(p.ids) - QUERIES, len(p.ids)), chunk=args.chunk,
-                                           progress=True)
-        finally:
-            remove_dope(model)
-        mass = entropy.attention_mass(w.cpu(), q, spans)
-        out[m.name] = dict(heads=[list(h) for h in m.heads], mass=head_table(mass))
-    return out
+    records = {}
+    if args.records:
+        for line in (Path(args.records) / "results.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            records[(r["depth"], r["trial"], r["method"])] = r
+    prompts = {d: p for d, t, p in eval_nih.setting_prompts(builder, grid.len[0], grid.noisy[0], grid) if t == 0}
+    rows = []
+    for depth in args.test_depths:
+        if depth not in prompts:
+            raise ValueError(f"--test-depths {depth}: the grid's depths at this setting are {sorted(prompts)}")
+        p = prompts[depth]
+        spans = spans_of(tok, p, grid.noisy[0], grid.needle)
+        for m in methods:
+            path = out / f"test_{depth:g}_{m.name.replace('/', '-')}.json"
+            if path.exists():
+                rows.append(json.loads(path.read_text()))
+                continue
+            if m.heads:
+                apply_dope(model, DopePlan([tuple(h) for h in m.heads], m.variant, seed=grid.seed),
+                           inv_freq=model.rope_inv_freq(scaled=False))
+            try:
+                w, q = entropy.attention_probe(model, p.ids, range(len(p.ids) - QUERIES, len(p.ids)),
+                                               chunk=args.chunk, progress=True)
+            finally:
+                remove_dope(model)
+            mass = entropy.attention_mass(w.cpu(), q, spans)
+            del w
+            r = records.get((depth, 0, m.name), {})
+            row = dict(depth=depth, method=m.name, heads=[list(h) for h in m.heads], spans=spans,
+                       answer=r.get("answer"), score=r.get("score"), logprob=r.get("logprob"), expected=p.value,
+                       mass=head_table(mass))
+            eval_nih.write_atomic(path, lambda f: f.write(json.dumps(row).encode()))
+            rows.append(row)
+    return rows
 
 
 def draw_setting(summary: dict, last_row, window: dict, out: Path):
@@ -269,9 +307,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results/sinks", help="where sinks.json and the pictures go")
     p.add_argument("--calib-dir", default=None, help="folder of the setting's calibration (default: --out)")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk of the probe")
-    p.add_argument("--methods", action="store_true", help="also probe the prompt under each grid method")
+    p.add_argument("--test-depths", type=lambda v: [float(x) for x in v.split(",")], default=None,
+                   help="also probe the grid's test prompts at these depths (trial 0) under each grid method")
+    p.add_argument("--records", default=None, help="the grid's folder of results.jsonl, for answers and log p")
     p.add_argument("--no-pictures", dest="pictures", action="store_false")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--depths", type=int, default=11, help="the grid's depths per setting (6 at 64K): its test prompts")
     p.add_argument("--plot", nargs="+", default=None, help="folders with sinks.json: the by-multiple panel")
     a = p.parse_args(argv)
     if a.noisy < 0:
