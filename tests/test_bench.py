@@ -29,7 +29,8 @@ def test_device_and_dtype_defaults():
 
 
 PEAK_CHECK = """
-import torch, bench_model
+import torch
+from bench import bench_model
 mem = bench_model.PeakMemory("cpu")
 mem.reset()
 before = mem.peak()
