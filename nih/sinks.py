@@ -204,8 +204,7 @@ def by_method(model, tok, builder, methods, grid, args, out: Path) -> list:
                 rows.append(json.loads(path.read_text()))
                 continue
             if m.heads:
-                apply_dope(model, DopePlan([tuple(h) for h in m.heads], m.variant, seed=grid.seed),
-                           inv_freq=model.rope_inv_freq(scaled=False))
+                apply_dope(model, DopePlan([tuple(h) for h in m.heads], m.variant, seed=grid.seed))  # as the grid
             try:
                 w, q = entropy.attention_probe(model, p.ids, range(len(p.ids) - QUERIES, len(p.ids)),
                                                chunk=args.chunk, progress=True)
