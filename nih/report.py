@@ -18,11 +18,13 @@ import statistics
 import warnings
 from pathlib import Path
 
-from nih.stats import median_shift, newcombe_paired, paired, paired_median, paired_table, wilson
+from nih.stats import (detectable_gain, detectable_shift, gain_power, holm, mean_interval, median_p, median_shift,
+                       newcombe_p, newcombe_paired, paired_median, wilson)
 
 RULES = ("Decision rules: an accuracy difference counts when Newcombe's paired 95% interval excludes 0; a "
          "log-probability shift counts when the exact 95% interval of the median paired difference (the sign test's "
-         "interval) excludes 0.")
+         "interval) excludes 0. Pooled, a prompt that settings share (they differ only in sink tokens) counts once: "
+         "the mean of its settings' pairs.")
 
 
 # -----------------------------------------------------------------------------
@@ -70,15 +72,84 @@ def append_record(results: Path, rec: dict):
 
 
 # -----------------------------------------------------------------------------
-# Tables and verdicts
+# Pairs: one per prompt, and a prompt that several settings share counted once
 
 
 def _prompt(r):
     return r["length"], r["noisy"], r["depth"], r["trial"]
 
 
+def _unit(prompt):
+    """The prompt behind a _prompt key whatever its sink tokens: settings that differ only in noise share the
+    haystack, the depth and the needle (eval_nih seeds the needle by length, depth and trial), so their answers are
+    not independent samples; pooled, such a prompt is one unit."""
+    return prompt[0], prompt[2], prompt[3]
+
+
+def strict(answer: str, expected: str) -> int:
+    """The strict match: 1 when the answer's first number (its first run of the digits 0-9) is the expected number,
+    digit for digit. RULER's string match (what eval_nih scores) also counts the number inside a longer one
+    ("824772727" for 8247727) or after another number; the strict match is right only where the string match is."""
+    m = re.search(r"[0-9]+", answer)
+    return int(m is not None and m.group() == expected)
+
+
+def _per_unit(cells: dict, value) -> list:
+    """value(record) per unit, the mean over the unit's settings: one number per unit."""
+    units = {}
+    for p, r in cells.items():
+        units.setdefault(_unit(p), []).append(value(r))
+    return [sum(v) / len(v) for v in units.values()]
+
+
+def _strict_count(cells: dict):
+    """Strict-match answers, counted per unit as the scores are (None when the records keep no answers)."""
+    if not all("answer" in r and "expected" in r for r in cells.values()):
+        return None
+    return sum(_per_unit(cells, lambda r: strict(r["answer"], r["expected"])))
+
+
+def pairs(base: dict, method: dict) -> tuple:
+    """method against base ({prompt: record} each) on their common prompts, one pair per unit: the paired table
+    (a, b, c, d) of the 0/1 scores (both right, base only, method only, both wrong), the K settings of a unit
+    weighing 1/K each (cells may then be fractional), and each unit's log-p difference, the mean over its settings.
+    Settings that share no prompt give the plain paired table and differences."""
+    units = {}
+    for p in sorted(set(base) & set(method)):
+        units.setdefault(_unit(p), []).append((base[p], method[p]))
+    cells, diffs = [0, 0, 0, 0], []
+    for prs in units.values():
+        for x, y in prs:
+            cells[0 if x["score"] and y["score"] else 1 if x["score"] else 2 if y["score"] else 3] += \
+                1 if len(prs) == 1 else 1 / len(prs)
+        diffs.append(sum(y["logprob"] - x["logprob"] for x, y in prs) / len(prs))
+    return tuple(cells), diffs
+
+
+def compare(base: dict, method: dict) -> tuple[dict, dict]:
+    """Both decision rules for method against base, on pairs(base, method): accuracy (diff, lo, hi, b, c, p, table)
+    by Newcombe's interval, answer log p (diff = the median, lo, hi, mean, neg, pos, p, diffs) by the median's
+    exact interval; p is each rule's own p-value (stats.newcombe_p, stats.median_p), for Holm's correction."""
+    table, diffs = pairs(base, method)
+    a, b, c, d = table
+    lo, hi = newcombe_paired(*table)
+    acc = dict(diff=(c - b) / len(diffs), lo=lo, hi=hi, b=b, c=c, p=newcombe_p(*table), table=table)
+    lp = paired_median([0.0] * len(diffs), diffs)
+    lp.update(p=median_p(lp["neg"], lp["pos"], len(diffs)), diffs=diffs)
+    return acc, lp
+
+
+# -----------------------------------------------------------------------------
+# Tables and verdicts
+
+
 def _pct(x):
     return f"{100 * x:+.1f}"
+
+
+def _n(x):
+    """A count: whole, or to one decimal where units average settings (8.5 of 11)."""
+    return f"{x:.0f}" if abs(x - round(x)) < 1e-9 else f"{x:.1f}"
 
 
 def shift(lp: dict) -> str:
@@ -86,24 +157,33 @@ def shift(lp: dict) -> str:
     return "higher" if lp["lo"] > 0 else "lower" if lp["hi"] < 0 else "unchanged"
 
 
-def verdict(vs_base: dict, vs_ctrl: dict | None) -> str:
-    """The accuracy rule: a difference counts only when its 95% interval excludes zero."""
+def verdict(vs_base: dict, vs_ctrl: list | dict | None) -> str:
+    """The accuracy rule: a difference counts only when its 95% interval excludes zero; a gain is the entropy rule's
+    only when it also beats every random-head control (with several, each at 95%: an intersection-union test)."""
+    ctrls = [vs_ctrl] if isinstance(vs_ctrl, dict) else list(vs_ctrl or [])
     if vs_base["lo"] > 0:
-        if vs_ctrl is None:
+        if not ctrls:
             return "gain over the baseline (no control run)"
-        return "gain beyond the random-head control" if vs_ctrl["lo"] > 0 else \
-            "gain over the baseline, but not beyond the random-head control"
+        if all(c["lo"] > 0 for c in ctrls):
+            return "gain beyond the random-head control" + (f"s (all {len(ctrls)})" if len(ctrls) > 1 else "")
+        return "gain over the baseline, but not beyond the random-head control" + ("s" if len(ctrls) > 1 else "")
     if vs_base["hi"] < 0:
         return "harm"
     return "no difference"
 
 
+def controls_of(rows_by_name: dict, variant: str) -> list:
+    """The controls a rule is judged against: its variant's random head sets (random0, random1, ...)."""
+    sets = sorted((n for n in rows_by_name if re.fullmatch(re.escape(variant) + r"/random\d+", n)),
+                  key=lambda n: int(n.rsplit("random", 1)[1]))
+    legacy = f"{variant}~random"  # records of earlier versions
+    return sets or ([legacy] if legacy in rows_by_name else [])
+
+
 def control_of(rows_by_name: dict, variant: str):
-    """The control a rule is judged against: its variant's first random head set (random0)."""
-    for name in (f"{variant}/random0", f"{variant}~random"):  # the second: records of earlier versions
-        if name in rows_by_name:
-            return name
-    return None
+    """The control shown beside a rule in the tables: its variant's first random head set (random0)."""
+    sets = controls_of(rows_by_name, variant)
+    return sets[0] if sets else None
 
 
 def _ival(x, fmt):
@@ -112,14 +192,19 @@ def _ival(x, fmt):
     return f"[{lo}, {hi}]"
 
 
-def table(grp: list, title: str, label: str) -> tuple[list, list]:
-    """The markdown table of one group of rows, and one verdict line per rule."""
-    verdicts = []
+def _acc_text(x):
+    return f"{_pct(x['diff'])} [{_pct(x['lo'])}, {_pct(x['hi'])}]"
+
+
+def table(grp: list, title: str, label: str) -> tuple[list, list, list, list]:
+    """The markdown table of one group of rows (a setting, or settings pooled by unit), one verdict line per rule,
+    the comparisons it judged (for Holm's correction) and each rule's power (what these prompts could detect)."""
+    verdicts, comps, power = [], [], []
     lines = ["", f"### {title}", "",
-             "| method | role | heads | correct | accuracy [95% CI] | mean log p | vs baseline: accuracy [95% CI] "
-             "(b/c) | vs baseline: median log p [95% CI] (-/+) | vs random0: accuracy [95% CI] | "
+             "| method | role | heads | correct | strict match | accuracy [95% CI] | mean log p | vs baseline: "
+             "accuracy [95% CI] (b/c) | vs baseline: median log p [95% CI] (-/+) | vs random0: accuracy [95% CI] | "
              "vs random0: median log p [95% CI] |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     names = list(dict.fromkeys(r["method"] for r in grp))
     by = {n: {_prompt(r): r for r in grp if r["method"] == n} for n in names}
     sweep = [n for n in names if next(iter(by[n].values()))["role"] == "sweep"]
@@ -128,46 +213,178 @@ def table(grp: list, title: str, label: str) -> tuple[list, list]:
     for n in names:
         cells = by[n]
         first = next(iter(cells.values()))
-        s = [r["score"] for r in cells.values()]
-        lo, hi = wilson(sum(s), len(s))
+        s = _per_unit(cells, lambda r: r["score"])
+        k, m = sum(s), len(s)
+        lo, hi = wilson(k, m)
         role = first["role"] + (" (best of sweep on the test prompts)" if n == best else "")
         heads = str([tuple(h) for h in first["heads"]]) if first["heads"] else "-"
         if len(heads) > 40:
             heads = f"{len(first['heads'])} heads"
         if label == "pooled" and first["heads"]:
             heads = "per setting"
-        row = [n, role, heads, f"{sum(s)}/{len(s)}", f"{100 * sum(s) / len(s):.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]",
-               f"{sum(r['logprob'] for r in cells.values()) / len(s):.2f}"]
-        vs_base = lp = vs_ctrl = lp_ctrl = None
-        common = sorted(set(cells) & set(by.get("none", {})))
-        if n != "none" and common:
-            vs_base = paired([by["none"][i]["score"] for i in common], [cells[i]["score"] for i in common])
-            lp = paired_median([by["none"][i]["logprob"] for i in common], [cells[i]["logprob"] for i in common])
-            row += [f"{_pct(vs_base['diff'])} [{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}] "
-                    f"({vs_base['b']}/{vs_base['c']})",
+        st = _strict_count(cells)
+        row = [n, role, heads, f"{_n(k)}/{m}", "-" if st is None else f"{_n(st)}/{m}",
+               f"{100 * k / m:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]",
+               f"{_mean(_per_unit(cells, lambda r: r['logprob'])):.2f}"]
+        vs_base = lp = None
+        if n != "none" and set(cells) & set(by.get("none", {})):
+            vs_base, lp = compare(by["none"], cells)
+            row += [f"{_acc_text(vs_base)} ({_n(vs_base['b'])}/{_n(vs_base['c'])})",
                     f"{lp['diff']:+.3f} {_ival(lp, '+.3f')} ({lp['neg']}-/{lp['pos']}+)"]
         else:
             row += ["", ""]
-        ctrl = control_of(by, first["variant"])
-        if first["role"] in ("rule", "sweep") and ctrl:
-            both = sorted(set(cells) & set(by[ctrl]))
-            vs_ctrl = paired([by[ctrl][i]["score"] for i in both], [cells[i]["score"] for i in both])
-            lp_ctrl = paired_median([by[ctrl][i]["logprob"] for i in both], [cells[i]["logprob"] for i in both])
-            row += [f"{_pct(vs_ctrl['diff'])} [{_pct(vs_ctrl['lo'])}, {_pct(vs_ctrl['hi'])}]",
-                    f"{lp_ctrl['diff']:+.3f} {_ival(lp_ctrl, '+.3f')}"]
+        ctrls = controls_of(by, first["variant"]) if first["role"] in ("rule", "sweep") else []
+        vs_ctrl = [compare(by[c], cells) for c in ctrls if set(cells) & set(by[c])]
+        if vs_ctrl:
+            row += [_acc_text(vs_ctrl[0][0]), f"{vs_ctrl[0][1]['diff']:+.3f} {_ival(vs_ctrl[0][1], '+.3f')}"]
         else:
             row += ["", ""]
         lines.append("| " + " | ".join(row) + " |")
         if first["role"] == "rule" and vs_base is not None:
-            v = (f"{label}, DoPE {n}: {verdict(vs_base, vs_ctrl)} (accuracy {_pct(vs_base['diff'])} pts "
-                 f"[{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}]); log p of the answer {shift(lp)} "
+            v = (f"{label}, DoPE {n}: {verdict(vs_base, [a for a, _ in vs_ctrl])} (accuracy {_pct(vs_base['diff'])} "
+                 f"pts [{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}]); log p of the answer {shift(lp)} "
                  f"(median {lp['diff']:+.3f} {_ival(lp, '+.3f')})")
-            if lp_ctrl is not None:
-                v += f"; against its random control the log p is {shift(lp_ctrl)} (median {lp_ctrl['diff']:+.3f})"
+            if len(vs_ctrl) == 1:
+                x = vs_ctrl[0][1]
+                v += f"; against its random control the log p is {shift(x)} (median {x['diff']:+.3f})"
+            elif vs_ctrl:
+                v += (f"; against its {len(vs_ctrl)} random controls: accuracy gain beyond "
+                      f"{sum(a['lo'] > 0 for a, _ in vs_ctrl)} of them, log p higher than "
+                      f"{sum(x['lo'] > 0 for _, x in vs_ctrl)}")
+            pw = power_of(label, n, vs_base, lp)
+            v += f"; {power_text(pw)}"
             verdicts.append(v)
+            power.append(pw)
+            comps += _comparisons(label, n, vs_base, lp, vs_ctrl)
     lines += spread(by)
+    if label != "pooled":
+        lines += strict_changes(by)
     lines += timing(grp)
-    return lines, verdicts
+    return lines, verdicts, comps, power
+
+
+def _comparisons(label, rule, vs_base, lp, vs_ctrl) -> list:
+    """The rule's comparisons, as Holm's procedure counts them: accuracy and log p against the baseline, and
+    against the random controls (with several, one comparison per measure whose p is the largest of theirs: the
+    rule must beat each, an intersection-union test)."""
+    out = [dict(label=label, rule=rule, what="accuracy vs baseline", p=vs_base["p"], called=vs_base["lo"] > 0 or
+                vs_base["hi"] < 0, est=f"{_acc_text(vs_base)} pts"),
+           dict(label=label, rule=rule, what="log p vs baseline", p=lp["p"], called=shift(lp) != "unchanged",
+                est=f"{lp['diff']:+.3f} {_ival(lp, '+.3f')} nats")]
+    if vs_ctrl:
+        k = len(vs_ctrl)
+        name = "random control" if k == 1 else f"all {k} random controls"
+        for i, what in ((0, "accuracy"), (1, "log p")):
+            worst = max((c[i] for c in vs_ctrl), key=lambda x: x["p"])
+            same = all(math.copysign(1, c[i]["diff"]) == math.copysign(1, worst["diff"]) for c in vs_ctrl)
+            called = same and all((c[i]["lo"] > 0 or c[i]["hi"] < 0) for c in vs_ctrl)
+            est = (f"{_acc_text(worst)} pts" if i == 0 else f"{worst['diff']:+.3f} {_ival(worst, '+.3f')} nats")
+            out.append(dict(label=label, rule=rule, what=f"{what} vs {name}", p=worst["p"] if same else 1.0,
+                            called=called, est=est + (" (the weakest)" if k > 1 else "")))
+    return out
+
+
+PAPER_GAIN = 0.09  # the paper's DoPE gains over Dynamic NTK in Table 1: +9.0, +9.2 and +5.6 points
+
+
+def power_of(label, rule, vs_base: dict, lp: dict) -> dict:
+    """What a rule's comparison with the baseline could detect at its number of prompts (stats.detectable_gain,
+    stats.detectable_shift), the power at the largest gain its table leaves room for, and at the paper's."""
+    t = vs_base["table"]
+    room = t[3] / sum(t)
+    return dict(label=label, rule=rule, n=len(lp["diffs"]), table=t, acc=vs_base, lp=lp, room=room,
+                gain=detectable_gain(t), shift=detectable_shift(lp["diffs"]), at_room=gain_power(t, room),
+                at_paper=gain_power(t, PAPER_GAIN) if PAPER_GAIN <= room else None)
+
+
+def power_text(pw: dict) -> str:
+    """What these prompts could detect, as the verdict states it."""
+    acc = (f"an accuracy gain of at least +{100 * pw['gain']:.1f} points" if pw["gain"] is not None else
+           f"no accuracy gain (winning all {100 * pw['room']:.1f} points the baseline leaves has "
+           f"{100 * pw['at_room']:.0f}% power)")
+    lp = (f"a median log-p shift above +{pw['shift']:.3f} nats" if pw["shift"] is not None else
+          "no log-p shift (too few prompts for a median's interval)")
+    return f"with 80% power these {pw['n']} prompts detect {acc} and {lp}"
+
+
+def power_lines(power: list) -> list:
+    """The table of what each rule's comparison with the baseline could detect."""
+    if not power:
+        return []
+    lines = ["", "### What these prompts could detect", "",
+             "The smallest gain each declared rule calls with 80% power at the table's number of prompts (a prompt "
+             "shared by settings counted once), both exact. Accuracy (stats.gain_power): the observed paired table "
+             "made symmetric (both-right and both-wrong prompts kept, its discordant pairs split evenly into wins "
+             "and losses: no effect), then that share of the both-wrong prompts turned into wins, over every table "
+             "the prompts could give; \"none\": not even winning every both-wrong prompt reaches 80% (its power "
+             "in brackets); the power at +9 points, the paper's DoPE gains over Dynamic NTK being +9.0 (24K noisy), "
+             "+9.2 (64K original) and +5.6 (64K noisy). Log p (stats.shift_power): the observed paired differences "
+             "resampled, moved to median 0 and then by the shift; the rule needs n + 1 - k of n above 0 (k: the "
+             "median interval's rank), at 11 prompts 10 of 11, which resampling 11 differences reaches with 80% "
+             "power only once all 11 lie above 0: the smallest shift is then the median's distance to the lowest "
+             "difference.", "",
+             "| table | rule | prompts | discordant (b + c) | both wrong | observed: accuracy, points | detectable "
+             "accuracy gain, points | power at +9 points | observed: median log p | detectable median log p shift, "
+             "nats |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for pw in power:
+        a, b, c, d = pw["table"]
+        gain = (f"+{100 * pw['gain']:.1f}" if pw["gain"] is not None else
+                f"none (all {100 * pw['room']:.1f} left: {100 * pw['at_room']:.0f}%)")
+        at_paper = f"{100 * pw['at_paper']:.0f}%" if pw["at_paper"] is not None else "no room"
+        shift = f"> +{pw['shift']:.3f}" if pw["shift"] is not None else "none"
+        lines.append(f"| {pw['label']} | {pw['rule']} | {pw['n']} | {_n(b + c)} | {_n(d)} | {_acc_text(pw['acc'])} | "
+                     f"{gain} | {at_paper} | {pw['lp']['diff']:+.3f} {_ival(pw['lp'], '+.3f')} | {shift} |")
+    return lines
+
+
+def holm_lines(comps: list) -> list:
+    """Each comparison that passes its 95% rule, and whether Holm's procedure keeps it: within its table (a
+    setting's family) and across every comparison of the summary."""
+    if not comps:
+        return []
+    tables = list(dict.fromkeys(c["label"] for c in comps))
+    within = {}
+    for t in tables:
+        fam = [c for c in comps if c["label"] == t]
+        for c, keep in zip(fam, holm([c["p"] for c in fam])):
+            within[id(c)] = (keep, len(fam))
+    across = dict(zip(map(id, comps), holm([c["p"] for c in comps])))
+    lines = ["", "### Many comparisons", "",
+             f"Each table judges its rules' accuracy and log p against the baseline and against their random "
+             f"controls; this summary judges {len(comps)} comparisons in all. p: the smallest alpha at which the "
+             "rule's own interval excludes 0 (stats.newcombe_p, stats.median_p; against several random controls, the "
+             "largest of theirs). A comparison that passes the declared 95% rule is a finding only where Holm's "
+             "procedure at 5% keeps it (within its table, and across the summary for a claim across settings); "
+             "otherwise it is a lead.", ""]
+    called = [c for c in comps if c["called"]]
+    if not called:
+        return lines + ["No comparison passes the 95% rule."]
+    lines += ["| table | rule | comparison | estimate [95% CI] | p | Holm in its table | Holm across the summary |",
+              "|---|---|---|---|---|---|---|"]
+    for c in called:
+        keep, m = within[id(c)]
+        lines.append(f"| {c['label']} | {c['rule']} | {c['what']} | {c['est']} | {c['p']:.2g} | "
+                     f"{'kept' if keep else 'lead'} (m = {m}) | {'kept' if across[id(c)] else 'lead'} "
+                     f"(M = {len(comps)}) |")
+    return lines
+
+
+def strict_changes(by: dict) -> list:
+    """The answers the string match counts right and the strict match (strict) does not, per method."""
+    out = []
+    for n, cells in by.items():
+        if _strict_count(cells) is None:
+            return []
+        for r in cells.values():
+            if r["score"] and not strict(r["answer"], r["expected"]):
+                where = f"depth {100 * r['depth']:.0f}%" + (f", needle {r['trial']}" if r["trial"] else "")
+                out.append(f"{n} at {where} ({r['answer'].strip()!r} for {r['expected']})")
+    head = ("Strict match (the answer's first number is the needle, digit for digit) against the string match "
+            "scored above: ")
+    return ["", head + ("the same answers for every method." if not out else
+                        f"{len(out)} answer{'s' * (len(out) > 1)} right by the string match only: " +
+                        "; ".join(out) + ".")]
 
 
 def spread(by: dict) -> list:
@@ -196,15 +413,17 @@ def timing(grp: list) -> list:
 
 
 def summarize(rows: list, out: Path, earlier: list | None = None) -> list:
-    """Per (length, noise): accuracy with a 95% Wilson interval and the mean log-probability of the right answer for
-    every method, each method against the baseline and each rule against its random control on the same prompts,
-    and a verdict per rule. With several settings, one more table pools their prompts (each prompt is still a pair;
-    a method name then means each setting's own rule). With several context multiples (or `earlier` settings, as
-    counts from earlier_counts), a table by multiple beside the paper's Table 1. Printed and written to
-    out/summary.md with the heatmaps and the plot against the context multiple. Returns the verdict lines."""
+    """Per (length, noise): accuracy with a 95% Wilson interval, the strict-match count and the mean log-probability
+    of the right answer for every method, each method against the baseline and each rule against its random
+    control on the same prompts, and a verdict per rule with what its prompts could detect. With several settings,
+    one more table pools them (each prompt still a pair, a prompt that settings share counted once; a method name
+    then means each setting's own rule). Then the power table, and which comparisons survive Holm's correction.
+    With several context multiples (or `earlier` settings, as counts from earlier_counts), a table by multiple
+    beside the paper's Table 1. Printed and written to out/summary.md with the heatmaps and the plot against the
+    context multiple. Returns the verdict lines."""
     if not rows:
         return []
-    lines, verdicts, per_setting = [], [], list(earlier or [])
+    lines, verdicts, comps, power, per_setting = [], [], [], [], list(earlier or [])
     groups = sorted({(r["length"], r["noisy"]) for r in rows})
     for L, noisy in groups:
         grp = [r for r in rows if r["length"] == L and r["noisy"] == noisy]
@@ -212,18 +431,27 @@ def summarize(rows: list, out: Path, earlier: list | None = None) -> list:
         n_prompts = len({(r["depth"], r["trial"]) for r in grp})
         title = (f"{grp[0]['model']}, {L} tokens{_multiple(grp[0])}, noisy={noisy}: {n_prompts} prompts "
                  f"({len({r['depth'] for r in grp})} depths x {len({r['trial'] for r in grp})} needles)")
-        more, said = table(grp, title, f"{L} tokens, noisy={noisy}")
-        lines, verdicts = lines + more, verdicts + said
+        more, said, cs, pw = table(grp, title, f"{L} tokens, noisy={noisy}")
+        lines, verdicts, comps, power = lines + more, verdicts + said, comps + cs, power + pw
     if len(groups) > 1:
+        units = len({_unit(_prompt(r)) for r in rows})
+        shared = units < len({_prompt(r) for r in rows})
         title = (f"{rows[0]['model']}, pooled over {len(groups)} settings "
-                 f"({', '.join(f'{L}/noisy={n}' for L, n in groups)}): "
-                 f"{len({_prompt(r) for r in rows})} prompts; each method is each setting's own rule")
-        more, said = table(rows, title, "pooled")
-        lines, verdicts = lines + more, verdicts + said
+                 f"({', '.join(f'{L}/noisy={n}' for L, n in groups)}): {units} prompts"
+                 + (" (a prompt that settings share, differing only in sink tokens, counted once: the mean of its "
+                    "settings)" if shared else "") + "; each method is each setting's own rule")
+        more, said, cs, pw = table(rows, title, "pooled")
+        lines, verdicts, comps, power = lines + more, verdicts + said, comps + cs, power + pw
     lines += ["", "Verdicts. " + RULES, ""] + [f"- {v}" for v in verdicts]
+    lines += power_lines(power) + holm_lines(comps)
     multiples = all(c["native"] for c in per_setting) and len({_times(c) for c in per_setting}) > 1
     if multiples:
-        lines += multiple_table(per_setting)
+        pooled = {}
+        for x in sorted({_times(c) for c in per_setting}):
+            grp = [r for r in rows if r.get("native") and _times(r) == x]
+            if len({(r["length"], r["noisy"]) for r in grp}) > 1:
+                pooled[x] = {c["method"]: c for c in counts(grp)}
+        lines += multiple_table(per_setting, pooled)
     text = "\n".join(lines)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,7 +505,9 @@ def plot_by_multiple(per_setting, path):
     """Accuracy and mean answer log-probability against the context multiple (length / native), from counts
     (earlier settings included): a row of panels per noise setting, one colour per variant and reading of the rule
     (the same in every panel), a rule solid and its variant's random head sets dotted, pooled into one line; the
-    number of prompts under each point."""
+    number of prompts under each point. Each point of one setting carries its 95% interval: Wilson's for the
+    accuracy, Student's t for the mean log p where per-prompt values were kept (counts from an earlier summary have
+    none); points are nudged apart along x so that the intervals do not hide each other."""
     from matplotlib.figure import Figure
 
     def label(c):
@@ -290,11 +520,11 @@ def plot_by_multiple(per_setting, path):
         colour.setdefault(n, next((colour[r] for r in rules if r.split("/")[0] == n.split("/")[0]), "grey"))
     settings = sorted({c["noisy"] > 0 for c in per_setting})
     xs_all = sorted({_times(c) for c in per_setting})
-    fig = Figure(figsize=(11, 3.6 * len(settings)), layout="constrained")
+    fig = Figure(figsize=(11, 3.6 * len(settings) + 0.3), layout="constrained")
     axes = fig.subplots(len(settings), 2, squeeze=False)
     for (ax_acc, ax_lp), noisy in zip(axes, settings):
         mine = [c for c in per_setting if (c["noisy"] > 0) == noisy and c["role"] != "sweep"]
-        for name in names:
+        for i, name in enumerate(names):
             pts = {}
             for c in mine:
                 if label(c) == name:
@@ -302,13 +532,25 @@ def plot_by_multiple(per_setting, path):
             if not pts:
                 continue
             xs = sorted(pts)
+            nudge = 2 ** (0.025 * (i - (len(names) - 1) / 2))  # the x axis is log 2
             n = [sum(c["n"] for c in pts[x]) for x in xs]
             acc = [100 * sum(c["correct"] for c in pts[x]) / k for x, k in zip(xs, n)]
             lp = [sum(c["logprob"] * c["n"] for c in pts[x]) / k for x, k in zip(xs, n)]
             style = dict(color=colour[name], marker="o", ms=4, label="baseline" if name == "none" else name,
                          ls=":" if name.endswith("/random") else "-", lw=2.2 if name == "none" else 1.4)
-            ax_acc.plot(xs, acc, **style)
-            ax_lp.plot(xs, lp, **style)
+            ax_acc.plot([x * nudge for x in xs], acc, **style)
+            ax_lp.plot([x * nudge for x in xs], lp, **style)
+            for x, a, m in zip(xs, acc, lp):
+                if len(pts[x]) != 1:  # several random sets on the same prompts: no single interval
+                    continue
+                c = pts[x][0]
+                lo, hi = wilson(c["correct"], c["n"])
+                ax_acc.errorbar([x * nudge], [a], yerr=[[a - 100 * lo], [100 * hi - a]], color=colour[name],
+                                lw=0.8, capsize=2)
+                ci = c.get("logprob_ci")
+                if ci and all(math.isfinite(v) for v in ci):
+                    ax_lp.errorbar([x * nudge], [m], yerr=[[m - ci[0]], [ci[1] - m]], color=colour[name], lw=0.8,
+                                   capsize=2)
         prompts = {x: max((c["n"] for c in mine if _times(c) == x and c["method"] == "none"), default=0)
                    for x in xs_all}
         for ax, what in ((ax_acc, "accuracy (%)"), (ax_lp, "mean log p of the answer")):
@@ -319,7 +561,9 @@ def plot_by_multiple(per_setting, path):
             ax.set_title(f"{'noisy' if noisy else 'original'} needle, by context / native context", fontsize=9)
             ax.grid(alpha=0.3)
         ax_lp.legend(fontsize=7, loc="best")
-    fig.suptitle(f"{per_setting[0]['model']}: needle in a haystack against the context multiple")
+    fig.suptitle(f"{per_setting[0]['model']}: needle in a haystack against the context multiple\n"
+                 "bars: 95% intervals (accuracy: Wilson; mean log p: Student's t, only where per-prompt values "
+                 "were kept)", fontsize=10)
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
 
@@ -341,26 +585,27 @@ def _times(c):
 
 
 def counts(grp: list) -> list:
-    """One setting's records as counts, one dict per method: n, correct, the mean answer log p, and for every method
-    but the baseline the paired 2x2 table against the baseline ("base": a, b, c, d) and the sign counts of its log-p
-    differences ("base_signs": negative, positive, n); for a rule the same against its random control ("ctrl",
-    "ctrl_signs"). Both decision rules are functions of these counts alone (stats.newcombe_paired,
-    stats.median_shift), so settings whose per-prompt records were not kept are judged the same way."""
+    """The records of one setting (or of several, pooled by unit) as counts, one dict per method: n (units), correct
+    and strict (sums over units; strict None where the records keep no answers), the mean answer log p with its
+    Student's t interval (logprob_ci), and for every method but the baseline the paired table against the baseline
+    ("base": a, b, c, d) and the sign counts of its log-p differences ("base_signs": negative, positive, n); for a
+    rule the same against its first random control ("ctrl", "ctrl_signs"). Both decision rules are functions of
+    these counts alone (stats.newcombe_paired, stats.median_shift), so settings whose per-prompt records were not
+    kept are judged the same way."""
     names = list(dict.fromkeys(r["method"] for r in grp))
     by = {n: {_prompt(r): r for r in grp if r["method"] == n} for n in names}
     out = []
     for n in names:
         cells, first = by[n], next(iter(by[n].values()))
+        s, lp = _per_unit(cells, lambda r: r["score"]), _per_unit(cells, lambda r: r["logprob"])
         c = dict(model=first["model"], length=first["length"], noisy=first["noisy"], native=first.get("native"),
-                 method=n, variant=first["variant"], role=first["role"], n=len(cells),
-                 correct=sum(r["score"] for r in cells.values()), logprob=_mean([r["logprob"] for r in cells.values()]))
+                 method=n, variant=first["variant"], role=first["role"], n=len(s), correct=sum(s),
+                 strict=_strict_count(cells), logprob=_mean(lp), logprob_ci=mean_interval(lp))
         for key, other in (("base", "none" if n != "none" else None),
                            ("ctrl", control_of(by, first["variant"]) if first["role"] in ("rule", "sweep") else None)):
-            if other in by:
-                common = sorted(set(cells) & set(by[other]))
-                c[key] = paired_table([by[other][i]["score"] for i in common], [cells[i]["score"] for i in common])
-                lp = paired_median([by[other][i]["logprob"] for i in common], [cells[i]["logprob"] for i in common])
-                c[f"{key}_signs"] = (lp["neg"], lp["pos"], len(common))
+            if other in by and set(cells) & set(by[other]):
+                acc, x = compare(by[other], cells)
+                c[key], c[f"{key}_signs"] = acc["table"], (x["neg"], x["pos"], len(x["diffs"]))
         out.append(c)
     return out
 
@@ -423,18 +668,6 @@ def _earlier_setting(model, length, noisy, native, table_rows) -> list:
     return out
 
 
-def _pool(cs: list) -> dict:
-    """Counts of one method over several settings (each prompt still a pair): every count adds up."""
-    c = dict(cs[0], n=sum(x["n"] for x in cs), correct=sum(x["correct"] for x in cs),
-             logprob=sum(x["logprob"] * x["n"] for x in cs) / sum(x["n"] for x in cs))
-    for key in ("base", "base_signs", "ctrl", "ctrl_signs"):
-        if all(key in x for x in cs):
-            c[key] = tuple(map(sum, zip(*(x[key] for x in cs))))
-        else:
-            c.pop(key, None)
-    return c
-
-
 def _judged(c: dict, key: str) -> str:
     """'+' / '−' / '=' for accuracy (Newcombe's interval), then, where sign counts exist, '↑' / '↓' / '=' for the
     answer's log p (stats.median_shift)."""
@@ -445,9 +678,12 @@ def _judged(c: dict, key: str) -> str:
     return acc + " / " + {"higher": "↑", "lower": "↓", "unchanged": "="}[median_shift(*c[f"{key}_signs"])]
 
 
-def multiple_table(per_setting: list) -> list:
-    """The verdicts by context multiple: one row per setting and one pooling the settings of a multiple, a column
-    per rule, the paper's Table 1 beside them."""
+def multiple_table(per_setting: list, pooled: dict | None = None) -> list:
+    """The verdicts by context multiple: one row per setting, a column per rule, the paper's Table 1 beside them,
+    and where a multiple has several settings with records, a row pooling them by unit (pooled: {multiple:
+    {method: counts}}). Settings of one multiple share their prompts (the same length, depths and needles; only
+    the sink tokens differ), so counts without records cannot be pooled: such a multiple gets no pooled row."""
+    pooled = pooled or {}
     top = max(map(_times, per_setting))  # the rules of the longest context first, in their order, then the others
     rules = list(dict.fromkeys([c["method"] for c in per_setting if c["role"] == "rule" and _times(c) == top] +
                                [c["method"] for c in per_setting if c["role"] == "rule"]))
@@ -455,24 +691,31 @@ def multiple_table(per_setting: list) -> list:
     for c in per_setting:
         settings.setdefault((_times(c), c["noisy"], c["length"]), {})[c["method"]] = c
     lines = ["", "### By context multiple", "",
-             "Each cell: correct / prompts; against the baseline, accuracy (+ gain, − harm, = no difference: "
-             "Newcombe's paired 95% interval) / answer log p (↑ higher, ↓ lower, = unchanged: the median's exact "
-             "95% interval); then the same against the rule's random-head control. Paper: LLaMA-3-8B-Instruct, Table 1 "
+             "Each cell: correct / prompts (and the strict-match count where it differs); against the baseline, "
+             "accuracy (+ gain, − harm, = no difference: Newcombe's paired 95% interval) / answer log p (↑ higher, "
+             "↓ lower, = unchanged: the median's exact 95% interval); then the same against the rule's first "
+             "random-head control (random0). A pooled row counts each prompt once (the mean of the settings that "
+             "share it); settings kept only as counts are not pooled. Paper: LLaMA-3-8B-Instruct, Table 1 "
              "(accuracy %, its best DoPE row picked on its test prompts).", "",
              "| multiple | setting | prompts | baseline | " + " | ".join(rules) +
              " | paper: Dynamic NTK | paper: best DoPE |",
              "|---" * (6 + len(rules)) + "|"]
 
+    def count(c):
+        strict = c.get("strict")
+        more = f" (strict {_n(strict)})" if strict is not None and abs(strict - c["correct"]) > 1e-9 else ""
+        return f"{_n(c['correct'])}/{c['n']}{more}"
+
     def row(x, label, methods, paper):
         base = methods.get("none")
         cells = [f"{x:g}x", label, str(base["n"]) if base else "-",
-                 f"{base['correct']}/{base['n']} ({100 * base['correct'] / base['n']:.0f}%)" if base else "-"]
+                 f"{count(base)} ({100 * base['correct'] / base['n']:.0f}%)" if base else "-"]
         for name in rules:
             c = methods.get(name)
             if c is None:
                 cells.append("not run")
                 continue
-            cell = f"{c['correct']}/{c['n']}"
+            cell = count(c)
             if "base" in c:
                 cell += f"; {_judged(c, 'base')}"
             if "ctrl" in c:
@@ -485,11 +728,8 @@ def multiple_table(per_setting: list) -> list:
         for k in keys:
             label = f"{k[2] // 1024}K {'noisy' if k[1] else 'original'}"
             lines.append(row(x, label, settings[k], PAPER_TABLE1.get((x, k[1] > 0), ("-", "-"))))
-        if len(keys) > 1:
-            names = dict.fromkeys(m for k in keys for m in settings[k])
-            pooled = {m: _pool([settings[k][m] for k in keys if m in settings[k]]) for m in names
-                      if all(m in settings[k] for k in keys)}
-            lines.append(row(x, "both, pooled", pooled, ("", "")))
+        if x in pooled:
+            lines.append(row(x, "both, each prompt once", pooled[x], ("", "")))
     return lines
 
 

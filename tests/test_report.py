@@ -4,8 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, strategies as st
 
 from nih import report
+from nih.stats import detectable_gain, mean_interval, median_p
 
 
 def rows_for(scores: dict, logprobs: dict | None = None, length=4096, native=8192):
@@ -116,7 +118,12 @@ def test_earlier_summary_read_back_as_counts_pools_to_its_own_pooled_row():
     by = {}
     for c in old:
         by.setdefault(c["method"], []).append(c)
-    pooled = {m: report._pool(cs) for m, cs in by.items()}
+    pooled = {}  # that file pooled the four settings' counts as independent prompts: summed here as it did
+    for m, cs in by.items():
+        pooled[m] = dict(cs[0], n=sum(c["n"] for c in cs), correct=sum(c["correct"] for c in cs))
+        for key in ("base", "base_signs", "ctrl"):
+            if all(key in c for c in cs):
+                pooled[m][key] = tuple(map(sum, zip(*(c[key] for c in cs))))
     assert (pooled["none"]["correct"], pooled["none"]["n"]) == (22, 27)
     parts = pooled["parts/asc"]
     assert parts["correct"] == 20 and parts["base"][1:3] == (2, 0) and parts["base_signs"] == (23, 4, 27)
@@ -130,7 +137,8 @@ def test_earlier_summary_read_back_as_counts_pools_to_its_own_pooled_row():
 
 def test_counts_judge_as_the_records_do_and_the_table_by_multiple(tmp_path):
     """The table by multiple judges from counts what the per-setting tables judge from records; a multiple with two
-    settings gets a pooled row, and the paper's Table 1 sits beside 3x."""
+    settings of records gets a pooled row, in which the prompts the two share (24K original and noisy: the same
+    depths and needles) count once, and the paper's Table 1 sits beside 3x."""
     base = [1] * 6 + [0] * 6
     rows, lps = [], {"none": [-2.0] * 12, "parts/asc": [-1.0] * 12, "parts/random0": [-2.0] * 11 + [-1.0]}
     for L, noisy in ((8192, 0), (24576, 0), (24576, 4)):
@@ -141,7 +149,7 @@ def test_counts_judge_as_the_records_do_and_the_table_by_multiple(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert "| 1x | 8K original | 12 | 6/12 (50%) | 12/12; + / ↑; vs random + / ↑ | - | - |" in text
     assert "| 3x | 24K noisy | 12 | 6/12 (50%) | 12/12; + / ↑; vs random + / ↑ | 75.4 | 84.4" in text
-    assert "| 3x | both, pooled | 24 | 12/24 (50%) | 24/24; + / ↑; vs random + / ↑ |  |  |" in text
+    assert "| 3x | both, each prompt once | 12 | 6/12 (50%) | 12/12; + / ↑; vs random + / ↑ |  |  |" in text
     assert (tmp_path / "by_multiple.png").stat().st_size > 0
     one = [r for r in rows if r["length"] == 8192]
     report.summarize(one, tmp_path / "one")
@@ -162,3 +170,89 @@ def test_a_summary_of_this_version_is_not_read_as_an_earlier_one(tmp_path):
     report.summarize(rows, tmp_path)
     with pytest.raises(SystemExit, match="give their folder to --summarize"):
         report.earlier_counts(tmp_path / "summary.md", 8192)
+
+
+def test_strict_match_is_the_first_number_exactly():
+    """RULER's string match counts the needle inside a longer number; the strict match does not."""
+    assert report.strict(" 8247727.", "8247727") == 1 and report.strict("It is 8247727, I think", "8247727") == 1
+    assert report.strict(": 824772727", "8247727") == 0  # the string match counts this one
+    assert report.strict("1. 8247727", "8247727") == 0 and report.strict("blue.", "8247727") == 0
+    assert report.strict("08247727", "8247727") == 0
+
+
+@given(st.text(alphabet="0123456789 .,:ab", max_size=20), st.from_regex(r"[1-9][0-9]{6}", fullmatch=True))
+def test_strict_match_is_right_only_where_the_string_match_is(answer, expected):
+    assert report.strict(answer, expected) <= int(expected in answer)
+    assert report.strict(expected + answer, expected) == (not answer[:1].isdigit())
+
+
+def test_strict_changes_are_listed_and_counted(tmp_path):
+    rows = rows_for({"none": [1, 1, 0], "parts/asc": [1, 1, 1]})
+    answers = {"none": ["1234567.", " 7654321", "no"], "parts/asc": ["1234567.", "7654321", ": 11112222"]}
+    for r in rows:
+        i = int(r["cell"].rsplit("/", 1)[1])
+        r.update(answer=answers[r["method"]][i], expected=["1234567", "7654321", "1111222"][i])
+    report.summarize(rows, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| parts/asc | rule | [(1, 1)] | 3/3 | 2/3 |" in text
+    assert "1 answer right by the string match only: parts/asc at depth 2% (': 11112222' for 1111222)" in text
+
+
+def test_settings_that_share_prompts_pool_each_prompt_once():
+    """The committed 24K original and noisy records share depths and needles: pooled by prompt, parts/flat's log-p
+    shift is the median of 11 per-depth means, +0.127 [-0.022, +0.636] with 9 of 11 higher (not 22 independent
+    prompts), and its accuracy table averages the two settings' pairs."""
+    root = Path(__file__).resolve().parents[1] / "docs" / "results" / "regime"
+    rows = [r for d in ("24k", "24k-noisy") for r in report.load_done(root / d / "results.jsonl").values()]
+    by = {n: {report._prompt(r): r for r in rows if r["method"] == n} for n in {r["method"] for r in rows}}
+    acc, lp = report.compare(by["none"], by["parts/flat"])
+    assert len(lp["diffs"]) == 11 and (lp["neg"], lp["pos"]) == (2, 9)
+    assert (round(lp["diff"], 3), round(lp["lo"], 3), round(lp["hi"], 3)) == (0.127, -0.022, 0.636)
+    assert acc["table"] == (8.0, 0, 0.5, 2.5) and acc["lo"] < 0 < acc["hi"]
+    pooled = {c["method"]: c for c in report.counts(rows)}
+    assert pooled["parts/flat"]["n"] == 11 and pooled["parts/flat"]["correct"] == 8.5
+    assert report.median_shift(*pooled["parts/flat"]["base_signs"]) == "unchanged"
+    noisy = [r for r in rows if r["noisy"]]  # one setting alone is the plain paired table
+    one = {n: {report._prompt(r): r for r in noisy if r["method"] == n} for n in ("none", "parts/flat")}
+    assert report.compare(one["none"], one["parts/flat"])[0]["table"] == (8, 0, 1, 2)
+
+
+def test_verdicts_say_what_the_prompts_could_detect(tmp_path):
+    base = [1] * 6 + [0] * 6
+    rows = rows_for({"none": base, "parts/asc": base})
+    v = report.summarize(rows, tmp_path)[0]
+    gain = detectable_gain((6, 0, 0, 6))
+    assert f"with 80% power these 12 prompts detect an accuracy gain of at least +{100 * gain:.1f} points" in v
+    text = (tmp_path / "summary.md").read_text()
+    assert "### What these prompts could detect" in text
+    assert f"| 4096 tokens, noisy=0 | parts/asc | 12 | 0 | 6 | +0.0 [-14.2, +14.2] | +{100 * gain:.1f} |" in text
+    full = rows_for({"none": [1] * 11 + [0], "parts/asc": [1] * 11 + [0]})
+    assert "no accuracy gain (winning all 8.3 points the baseline leaves has" in report.summarize(full, tmp_path)[0]
+
+
+def test_a_rule_must_beat_each_random_set_and_passing_comparisons_face_holm(tmp_path):
+    """Against two random sets a gain counts beyond the control only if it beats both; a comparison that passes
+    its 95% rule but not Holm's correction over its table is listed as a lead."""
+    base = [1] * 10 + [0] * 10
+    rows = rows_for({"none": base, "parts/asc": [1] * 18 + [0] * 2, "parts/random0": base,
+                     "parts/random1": [1] * 17 + [0] * 3})
+    v = report.summarize(rows, tmp_path)[0]
+    assert "gain over the baseline, but not beyond the random-head controls" in v
+    assert "against its 2 random controls: accuracy gain beyond 1 of them" in v
+    rows = rows_for({"none": base, "parts/asc": [1] * 18 + [0] * 2, "parts/random0": base, "parts/random1": base})
+    assert "gain beyond the random-head controls (all 2)" in report.summarize(rows, tmp_path)[0]
+    lps = {"none": [-1.0] * 20, "parts/asc": [-0.5] * 15 + [-1.5] * 5, "parts/random0": [-1.0] * 20}
+    rows = rows_for({"none": base, "parts/asc": base, "parts/random0": base}, lps)
+    report.summarize(rows, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    p = median_p(5, 15, 20)
+    assert 0.0125 < p <= 0.05  # passes at 95%, not at 0.05 / 4
+    assert (f"| 4096 tokens, noisy=0 | parts/asc | log p vs baseline | +0.500 [+0.500, +0.500] nats | {p:.2g} | "
+            "lead (m = 4) | lead (M = 4) |") in text
+
+
+def test_counts_carry_the_mean_log_p_interval_for_the_plot():
+    rows = rows_for({"none": [1, 0, 1], "parts/asc": [1, 1, 1]}, {"none": [-1.0, -2.0, -3.0],
+                                                                   "parts/asc": [-1.0, -1.0, -1.0]})
+    c = {x["method"]: x for x in report.counts(rows)}
+    assert c["none"]["logprob_ci"] == pytest.approx(mean_interval([-1.0, -2.0, -3.0]))
