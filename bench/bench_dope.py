@@ -1,5 +1,6 @@
 """
-What DoPE costs: the head-scoring pass and a DoPE forward, each against a plain forward, side by side in one run.
+What DoPE costs: the head-scoring pass, the attention probe and a DoPE forward, each against a plain forward, side by
+side in one run.
 
     python -m bench.bench_dope                 # SmolLM2, 8K and 16K tokens, float32, one-pass prefill, median of 3
     python -m bench.bench_dope --lens 4k --repeats 5 --dtype bfloat16 --chunk 2048
@@ -7,8 +8,8 @@ What DoPE costs: the head-scoring pass and a DoPE forward, each against a plain 
     python -m bench.bench_dope --gram --lens 64k         # the scoring pass's Gram sums alone, per-head vs blocks
 
 Runs are interleaved (plain, scoring, DoPE variants, plain, ...) so that machine noise hits all of them alike; read
-the ratios. Targets set for this project: scoring overhead <= 10% over a plain prefill, a DoPE prefill <= 3% over a
-plain one. Peak memory is measured per kind of run, where the data is: torch.cuda.max_memory_allocated on a GPU,
+the ratios. Targets set for this project: scoring overhead <= 10% over a plain prefill, the attention probe (the
+last 32 query rows of every head, entropy.attention_probe) <= 10%, a DoPE prefill <= 3% over a plain one. Peak memory is measured per kind of run, where the data is: torch.cuda.max_memory_allocated on a GPU,
 the process's peak resident memory on the CPU (reset before each run where Linux allows it). Both include the
 weights.
 """
@@ -107,7 +108,7 @@ def main(argv=None):
         return gram_bench(a)
     mem = PeakMemory(a.device)
     print(f"{a.model}, {a.dtype}, chunk {a.chunk or 'one pass'}, {device_name(a.device)}, median of {a.repeats}")
-    print(f"{'tokens':>7} {'plain s':>8} | {'scoring s':>9} {'ratio':>6} | " +
+    print(f"{'tokens':>7} {'plain s':>8} | {'scoring s':>9} {'ratio':>6} | {'probe s':>8} {'ratio':>6} | " +
           " | ".join(f"{'DoPE-' + v + ' s':>15} {'ratio':>6}" for v in VARIANTS))
     rows = []
     for T in [parse_len(s) for s in a.lens.split(",")]:
@@ -128,6 +129,9 @@ def main(argv=None):
         def scoring():
             entropy.score_model(model, ids, chunk=chunk, progress=False, gram_dtype=torch.float32)  # as eval_nih
 
+        def probe():
+            entropy.attention_probe(model, ids, chunk=chunk)  # the last 32 rows, as nih/sinks.py reads them
+
         def dope(variant):
             def f():
                 apply_dope(model, DopePlan(heads, variant))
@@ -137,7 +141,7 @@ def main(argv=None):
                     remove_dope(model)
             return f
 
-        runs = {"plain": plain, "scoring": scoring, **{v: dope(v) for v in VARIANTS}}
+        runs = {"plain": plain, "scoring": scoring, "probe": probe, **{v: dope(v) for v in VARIANTS}}
         times = {name: [] for name in runs}
         peaks = {name: 0 for name in runs}
         with torch.inference_mode():
@@ -154,7 +158,7 @@ def main(argv=None):
         med = {k: statistics.median(v) for k, v in times.items()}
         digits = 1 if med["plain"] >= 10 else 3
         print(f"{T:>7} {med['plain']:>8.{digits}f} | {med['scoring']:>9.{digits}f} "
-              f"{med['scoring'] / med['plain']:>6.3f} | " +
+              f"{med['scoring'] / med['plain']:>6.3f} | {med['probe']:>8.{digits}f} {med['probe'] / med['plain']:>6.3f} | " +
               " | ".join(f"{med[v]:>15.{digits}f} {med[v] / med['plain']:>6.3f}" for v in VARIANTS), flush=True)
         print(f"{'':>7} peak MB: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in peaks.items()), flush=True)
         rows.append({"tokens": T, "heads": heads, "median_s": med, "times_s": times,

@@ -63,7 +63,7 @@ def test_bench_dope_runs_on_the_cpu(tiny_dir, tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["device"] == "cpu" and r["dtype"] == "float32" and len(r["rows"]) == 1
     row = r["rows"][0]
-    kinds = {"plain", "scoring", "parts", "all", "gaussian"}
+    kinds = {"plain", "scoring", "probe", "parts", "all", "gaussian"}
     assert set(row["median_s"]) == kinds and set(row["peak_mb"]) == kinds
     assert all(v > 0 for v in row["peak_mb"].values())
     assert "peak MB" in capsys.readouterr().out
