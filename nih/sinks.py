@@ -111,6 +111,8 @@ def measure(args) -> dict:
         summary = probe_calibration(model, tok, builder, grid, scores, methods, factor, ident, args, out)
     if args.test_depths:
         summary["tests"] = by_method(model, tok, builder, methods, grid, args, out)
+        if args.pictures:
+            draw_tests(summary["tests"], out)
         eval_nih.write_atomic(out / "sinks.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     return summary
 
@@ -211,14 +213,45 @@ def by_method(model, tok, builder, methods, grid, args, out: Path) -> list:
             finally:
                 remove_dope(model)
             mass = entropy.attention_mass(w.cpu(), q, spans)
+            profile = w[:, :, -1].mean(dim=(0, 1)).cpu()  # (T,): the answer position's attention, mean over heads
             del w
             r = records.get((depth, 0, m.name), {})
             row = dict(depth=depth, method=m.name, heads=[list(h) for h in m.heads], spans=spans,
                        answer=r.get("answer"), score=r.get("score"), logprob=r.get("logprob"), expected=p.value,
-                       mass=head_table(mass))
+                       mass=head_table(mass), profile=binned(profile))
             eval_nih.write_atomic(path, lambda f: f.write(json.dumps(row).encode()))
             rows.append(row)
     return rows
+
+
+def binned(row, bins: int = 512) -> dict:
+    """A (T,) attention row summed into `bins` equal spans of positions (the last may be shorter)."""
+    width = -(-len(row) // bins)
+    sums = torch.nn.functional.pad(row, (0, width * bins - len(row))).view(bins, width).sum(-1)
+    return dict(width=width, mass=[round(float(v), 7) for v in sums])
+
+
+def draw_tests(rows: list, out: Path):
+    """(c) The answer position's attention along the prompt (mean over heads, summed per bin), per test prompt: the
+    baseline and each method, the needle marked."""
+    from matplotlib.figure import Figure
+
+    depths = sorted({r["depth"] for r in rows})
+    fig = Figure(figsize=(10, 2.8 * len(depths)), layout="constrained")
+    for i, d in enumerate(depths):
+        ax = fig.add_subplot(len(depths), 1, i + 1)
+        for r in (r for r in rows if r["depth"] == d):
+            x = [j * r["profile"]["width"] for j in range(len(r["profile"]["mass"]))]
+            lp = "" if r["logprob"] is None else f", log p {r['logprob']:.2f}"
+            ax.semilogy(x, [max(v, 1e-7) for v in r["profile"]["mass"]], lw=1.4 if r["method"] == "none" else 0.7,
+                        label=f"{r['method']}{lp}", color="black" if r["method"] == "none" else None)
+        a, b = rows[[r["depth"] for r in rows].index(d)]["spans"]["needle"]
+        ax.axvspan(a, b, color="red", alpha=0.3)
+        ax.set_title(f"needle at depth {d:.0%} (red): the answer position's attention, mean over heads", fontsize=9)
+        ax.set_ylabel("mass per bin")
+        ax.legend(fontsize=7, ncol=3)
+    ax.set_xlabel("key position")
+    fig.savefig(out / "answer_attention_by_method.png", dpi=110)
 
 
 def draw_setting(summary: dict, last_row, window: dict, out: Path):
@@ -327,6 +360,10 @@ def main(argv=None):
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         rows = plot_multiples(args.plot, out)
+        for folder in map(Path, args.plot):
+            tests = [json.loads(f.read_text()) for f in sorted(folder.glob("test_*.json"))]
+            if tests:
+                draw_tests(tests, folder)
         for s in rows:
             print(f"{s['length']:>6} noisy={s['noisy']}  rho(H1, sink) {s['spearman_h1_sink']:+.3f} "
                   f"[{s['spearman_h1_sink_ci'][0]:+.3f}, {s['spearman_h1_sink_ci'][1]:+.3f}]  sink heads "
