@@ -100,6 +100,10 @@ def measure(args) -> dict:
     scores = {name: sel.scores(dict(criterion="query/post_ntk", metric=m, r=r)) for name, (m, r) in SCORES.items()}
 
     L, H = model.config.n_layer, model.config.n_head
+    bad = [h for h in args.heads or [] if not (0 <= h[0] < L and 0 <= h[1] < H)]
+    if bad:
+        raise SystemExit(f"--heads {','.join(f'{a}:{b}' for a, b in bad)}: not a head of the model, which has "
+                         f"{L} layers x {H} heads (layer:head, from 0)")
     methods = eval_nih.methods_for(sel, grid, L, H, length, noisy)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,7 +155,8 @@ def probe_calibration(model, tok, builder, grid, scores, methods, factor, ident,
         head_sets=placed, scores={k: [[round(float(v), 6) for v in row] for row in s] for k, s in scores.items()},
         mass=head_table(mass))
     if args.pictures:
-        window = window_maps(model, p.ids[:WINDOW], [placed["parts/asc"][0]["head"], highest_entropy(scores["h1"])])
+        heads = args.heads or [placed["parts/asc"][0]["head"], highest_entropy(scores["h1"])]
+        window = window_maps(model, p.ids[:WINDOW], heads)
         draw_setting(summary, last_row, window, out)
     eval_nih.write_atomic(out / "sinks.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     return summary
@@ -331,6 +336,16 @@ def plot_multiples(folders, out: Path):
     return rows
 
 
+def heads_arg(text: str) -> list:
+    try:
+        heads = [[int(v) for v in item.split(":")] for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: heads are layer:head pairs, e.g. 19:0,11:1") from None
+    if any(len(h) != 2 for h in heads):
+        raise argparse.ArgumentTypeError(f"{text!r}: heads are layer:head pairs, e.g. 19:0,11:1")
+    return heads
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Attention sinks against head scores (python -m nih.sinks).")
     p.add_argument("--len", type=parse_len, default=4096, help="prompt length (4k, 24k, ...; default 4k)")
@@ -343,6 +358,9 @@ def parse_args(argv=None):
                    help="also probe the grid's test prompts at these depths (trial 0) under each grid method")
     p.add_argument("--records", default=None, help="the grid's folder of results.jsonl, for answers and log p")
     p.add_argument("--no-pictures", dest="pictures", action="store_false")
+    p.add_argument("--heads", type=heads_arg, default=None,
+                   help="heads whose attention map and query similarity are drawn, as layer:head,... (default: the "
+                        "rule's first head and the highest-entropy head)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--depths", type=int, default=11, help="the grid's depths per setting (6 at 64K): its test prompts")
     p.add_argument("--plot", nargs="+", default=None, help="folders with sinks.json: the by-multiple panel")

@@ -151,3 +151,80 @@ def test_attention_mass_refuses_a_span_outside_the_prompt():
 def test_probe_refuses_a_batch(tiny):
     with pytest.raises(ValueError, match="tokens must be"):
         entropy.attention_probe(tiny, torch.zeros(2, 8, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# nih/sinks.py: the measurement's statistics and its command, end to end on a short prompt of the packaged model
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from nih import sinks  # noqa: E402
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-100, 100), min_size=3, max_size=30, unique=True))
+def test_spearman_is_one_under_a_monotone_map_and_minus_one_reversed(xs):
+    x = torch.tensor(xs, dtype=torch.float64)
+    assert sinks.spearman(x, x ** 3 + 2 * x) == pytest.approx(1.0)
+    assert sinks.spearman(x, -x) == pytest.approx(-1.0)
+
+
+def test_spearman_with_ties_equals_pearson_on_average_ranks():
+    x, y = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0]), torch.tensor([2.0, 1.0, 4.0, 4.0, 3.0])
+    rx, ry = torch.tensor([1.0, 2.5, 2.5, 4.0, 5.0]), torch.tensor([2.0, 1.0, 4.5, 4.5, 3.0])
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    assert sinks.spearman(x, y) == pytest.approx(float((rx * ry).sum() / (rx.norm() * ry.norm())))
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_is_reproducible():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, generator=g)
+    y = x + torch.randn(200, generator=g)
+    lo, hi = sinks.bootstrap_interval(x, y, draws=500)
+    assert lo < sinks.spearman(x, y) < hi and lo > 0.3
+    assert sinks.bootstrap_interval(x, y, draws=500) == [lo, hi]
+
+
+def test_binned_keeps_the_total_mass():
+    row = torch.rand(1001, generator=torch.Generator().manual_seed(0))
+    b = sinks.binned(row, bins=100)
+    assert b["width"] == 11 and len(b["mass"]) == 100 and sum(b["mass"]) == pytest.approx(float(row.sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("text", ["19", "19:0:1", "a:b", "19-0"])
+def test_heads_flag_refuses_what_is_not_layer_head_pairs(text, capsys):
+    with pytest.raises(SystemExit):
+        sinks.parse_args(["--heads", text])
+    assert "layer:head pairs" in capsys.readouterr().err
+
+
+def test_the_sinks_command_end_to_end_on_a_short_prompt(tmp_path, capsys):
+    """600 tokens of the packaged model: the summary holds every field the docs read, the rule's heads are the
+    calibration's lowest H^1, and measurement 2 writes one file per (depth, method) that a rerun reuses."""
+    out = tmp_path / "sinks"
+    argv = ["--len", "600", "--depths", "3", "--chunk", "256", "--out", str(out), "--test-depths", "0.5"]
+    assert sinks.main(argv) == 0
+    s = __import__("json").loads((out / "sinks.json").read_text())
+    assert s["length"] == 600 and s["noisy"] == 0 and s["queries"] == [568, 599]
+    for k in ("spearman_h1_sink", "spearman_p1_sink", "spearman_vanilla_sink"):
+        assert -1 <= s[k] <= 1 and s[k + "_ci"][0] <= s[k] <= s[k + "_ci"][1]
+    h1 = torch.tensor(s["scores"]["h1"])
+    lowest = sorted(range(h1.numel()), key=lambda i: (float(h1.flatten()[i]), i))[:5]
+    assert [h["head"] for h in s["head_sets"]["parts/asc"]] == [list(divmod(i, h1.shape[1])) for i in lowest]
+    assert 0 <= s["sink_heads"] <= 1 and torch.tensor(s["mass"]["first"]).shape == h1.shape
+    tests = {t["method"]: t for t in s["tests"]}
+    assert set(tests) >= {"none", "parts/asc", "parts/flat", "gaussian/asc", "parts/random0"}
+    assert all(t["depth"] == 0.5 and sum(t["profile"]["mass"]) == pytest.approx(1.0, abs=1e-4) for t in tests.values())
+    files = sorted(p.name for p in out.glob("test_*.json"))
+    assert len(files) == len(tests)
+    for name in ("scores_vs_sink.png", "window_maps.png", "answer_attention.png", "answer_attention_by_method.png"):
+        assert (out / name).stat().st_size > 0
+    stamp = {f: (out / f).stat().st_mtime_ns for f in files}
+    assert sinks.main(argv) == 0  # resumes: nothing probed again
+    assert {f: (out / f).stat().st_mtime_ns for f in files} == stamp
+    assert "not probed again" in capsys.readouterr().out
+
+
+def test_the_sinks_command_refuses_a_head_outside_the_model(tmp_path):
+    with pytest.raises(SystemExit, match=r"--heads 30:0: not a head of the model, which has 30 layers x 9 heads"):
+        sinks.main(["--len", "600", "--out", str(tmp_path), "--heads", "30:0"])
