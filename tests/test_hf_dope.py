@@ -162,7 +162,7 @@ def test_greedy_generation_with_the_kv_cache_equals_recomputation(real, impl):
 # Tiny random models: the cache, the observer, the rope override
 
 
-TINY = Config(n_layer=2, n_head=4)  # hf_tiny's shape
+TINY = Config(n_layer=2, n_head=4, n_kv_head=2)  # hf_tiny's shape
 
 
 @pytest.fixture(scope="module")

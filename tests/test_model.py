@@ -223,3 +223,64 @@ def test_ntk_base_formula():
     inv_freq, _ = rope_params(cfg)
     new_base = 500000.0 * 57 ** (128 / 126)
     assert math.isclose(inv_freq[1].item(), new_base ** (-2 / 128), rel_tol=1e-6)
+
+
+def manifest_folder(path):
+    """A folder as setup_weights.py finishes one (files, then MANIFEST.json with each one's size and sha256)."""
+    from tools.setup_weights import MODELS, write_manifest
+
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    write_manifest(path, MODELS["smollm2"], "bf16")
+    return path
+
+
+def test_a_checked_file_is_hashed_again_only_when_it_changes(tmp_path, monkeypatch):
+    """check_folder remembers each file's sha256 under its (device, inode, size, mtime, ctime) in the folder's
+    digest cache: a second process (the memo cleared) hashes nothing, and an edit is hashed again and refused even
+    when the size and the mtime are put back (the ctime cannot be)."""
+    import os
+
+    import model
+
+    f = manifest_folder(tmp_path / "m")
+    assert model.check_folder(f) is True and (f / model.DIGEST_CACHE).is_file()
+    hashed = []
+    real = model.hashlib.sha256
+    monkeypatch.setattr(model.hashlib, "sha256", lambda *a: hashed.append(a) or real(*a))
+    monkeypatch.setattr(model, "_DIGESTS", {})
+    assert model.check_folder(f) is True and hashed == []
+    w = f / "model.safetensors"
+    st = w.stat()
+    w.write_bytes(bytes(range(255, -1, -1)) * 64)  # same size
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ValueError, match=r"model\.safetensors has sha256 [0-9a-f]{64}, the manifest says"):
+        model.check_folder(f)
+    assert hashed
+
+
+def test_the_digest_cache_is_only_a_cache(tmp_path, monkeypatch):
+    """A garbage cache is ignored, a disk that refuses the cache costs only the cache (and leaves no temporary file),
+    and a folder without a manifest (not this project's) is never written to."""
+    import errno
+
+    import model
+
+    f = manifest_folder(tmp_path / "m")
+    (f / model.DIGEST_CACHE).write_text("[not a cache")
+    assert model.check_folder(f) is True
+    monkeypatch.setattr(model, "_DIGESTS", {})
+    (f / model.DIGEST_CACHE).unlink()
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model.os, "replace", full)
+    assert model.check_folder(f) is True
+    assert sorted(p.name for p in f.iterdir()) == ["MANIFEST.json", "config.json", "model.safetensors"]
+    monkeypatch.undo()
+    (f / "MANIFEST.json").unlink()
+    assert model.check_folder(f) is False
+    model.sha256_files(f, ["model.safetensors"])
+    assert sorted(p.name for p in f.iterdir()) == ["config.json", "model.safetensors"]

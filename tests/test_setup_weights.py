@@ -517,6 +517,11 @@ def edit_config(path: Path) -> None:
     path.write_text(path.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
 
 
+def files_of(folder: Path) -> dict:
+    """name -> bytes of a model folder's files, less the loaders' digest cache (it holds inode numbers)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != model.DIGEST_CACHE}
+
+
 # (what is done to the folder, the file, what the message says about it)
 DAMAGE = {
     "truncated safetensors": (truncate, "model.safetensors", r"model\.safetensors is \d+ bytes, expected \d+"),
@@ -534,7 +539,7 @@ DAMAGE = {
 def test_damaged_folder_is_rebuilt_from_the_cache(fake_model, monkeypatch, capsys, damage):
     out = fake_model["out"]
     folder = sw.ensure_weights("tiny", out)
-    original = {p.name: p.read_bytes() for p in folder.iterdir()}
+    original = files_of(folder)
     do, name, message = DAMAGE[damage]
     do(folder / name)
     assert sw.folder_problems(folder, fake_model["spec"], "bf16")
@@ -544,7 +549,7 @@ def test_damaged_folder_is_rebuilt_from_the_cache(fake_model, monkeypatch, capsy
     assert sw.ensure_weights("tiny", out) == folder
     printed = capsys.readouterr().out
     assert re.search(message, printed) and "rebuilding it from the GGUF" in printed, printed
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == original  # the conversion is deterministic
+    assert files_of(folder) == original  # the conversion is deterministic
     assert sw.folder_problems(folder, fake_model["spec"], "bf16") == []
     assert sorted(p.name for p in out.iterdir()) == [".cache", "Tiny"]
 
@@ -593,7 +598,7 @@ def test_manifest_format(fake_model):
     assert manifest["manifest_version"] == 1 and manifest["dtype"] == "bf16"
     assert manifest["gguf_sha256"] == fake_model["spec"].gguf_sha256
     assert manifest["converter_version"] == sw.CONVERTER_VERSION
-    on_disk = {p.name for p in folder.iterdir()} - {"MANIFEST.json"}
+    on_disk = {p.name for p in folder.iterdir()} - {"MANIFEST.json", model.DIGEST_CACHE}
     assert set(manifest["files"]) == on_disk
     for name, entry in manifest["files"].items():
         assert entry == {"size": (folder / name).stat().st_size, "sha256": sw.sha256_of(folder / name)}
@@ -682,7 +687,7 @@ def test_real_smollm2_manifest_catches_one_flipped_byte(smollm2, tmp_path):
     """On a copy (never the shared folder): one flipped byte in 270 MB is found, and named."""
     spec = sw.MODELS["smollm2"]
     manifest = json.loads((smollm2 / "MANIFEST.json").read_text())
-    assert set(manifest["files"]) == {p.name for p in smollm2.iterdir()} - {"MANIFEST.json"}
+    assert set(manifest["files"]) == {p.name for p in smollm2.iterdir()} - {"MANIFEST.json", model.DIGEST_CACHE}
     copy = shutil.copytree(smollm2, tmp_path / smollm2.name)
     assert sw.folder_problems(copy, spec, "bf16") == []
     flip_byte(copy / "model.safetensors", 123_456_789)

