@@ -353,7 +353,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     p.add_argument("--out", default="results/sinks", help="where sinks.json and the pictures go")
     p.add_argument("--calib-dir", default=None, help="folder of the setting's calibration (default: --out)")
-    p.add_argument("--chunk", type=int, default=4096, help="prefill chunk of the probe")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="prefill chunk of the probe; 0 (default) = the whole prompt in one pass, as the grid ran")
     p.add_argument("--test-depths", type=lambda v: [float(x) for x in v.split(",")], default=None,
                    help="also probe the grid's test prompts at these depths (trial 0) under each grid method")
     p.add_argument("--records", default=None, help="the grid's folder of results.jsonl, for answers and log p")
@@ -367,8 +368,9 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.noisy < 0:
         p.error(f"--noisy {a.noisy}: the number of sink tokens cannot be negative")
-    if a.chunk < 1:
-        p.error(f"--chunk {a.chunk}: must be >= 1")
+    if a.chunk < 0:
+        p.error(f"--chunk {a.chunk}: must be >= 1, or 0 for one pass")
+    a.chunk = a.chunk or a.len
     return a
 
 
