@@ -244,7 +244,11 @@ class HFModel:
 
     @property
     def device(self):
-        return self.hf.model.embed_tokens.weight.device
+        """Where the token ids go: the embedding's device, or, when accelerate offloaded it (its weight is then on
+        the meta device), the device accelerate's hook computes it on."""
+        emb = self.hf.model.embed_tokens
+        hook = getattr(emb, "_hf_hook", None)
+        return torch.device(hook.execution_device) if emb.weight.is_meta and hook is not None else emb.weight.device
 
     @property
     def plan(self):

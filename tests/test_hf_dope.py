@@ -252,6 +252,33 @@ def test_model_py_s_rope_types_are_what_transformers_rotates_with():
 # Bad input
 
 
+@pytest.mark.parametrize("budget", [120_000, 1], ids=["layer-1-on-disk", "all-on-disk"])
+def test_accelerate_offloading_beside_dope_gives_the_same_logits(tiny, idx, tmp_path, budget):
+    """device_map="auto" with a CPU budget (bytes) below the model's size: accelerate offloads modules to disk, and
+    its hooks load their weights in every forward, beside hf_dope's hooks. Plain and under each variant, the logits are
+    those of the model loaded without it. With everything offloaded the embedding's weight is on the meta device:
+    the token ids go where accelerate computes it."""
+    import accelerate  # noqa: F401  (requirements-test.txt: a missing accelerate fails here, it does not skip)
+
+    th, _ = tiny
+    th.hf.save_pretrained(tmp_path / "tiny")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", dtype=torch.float32, device_map="auto",
+                                                           max_memory={"cpu": budget}, offload_folder=tmp_path / "off")
+    assert "disk" in hf.hf_device_map.values() and hasattr(hf.model.layers[1].self_attn, "_hf_hook")
+    off = HFModel(hf)
+    for plan in [None] + [plan_for(TINY, v) for v in VARIANTS]:
+        for m in (th, off):
+            if plan is not None:
+                m.install(plan)
+        try:
+            with torch.inference_mode():
+                torch.testing.assert_close(off(idx, all_logits=True), th(idx, all_logits=True), atol=1e-6, rtol=0)
+        finally:
+            for m in (th, off):
+                if plan is not None:
+                    m.remove()
+
+
 def test_other_architectures_are_refused_by_name(tmp_path):
     cfg = transformers.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=4, num_key_value_heads=2)
