@@ -23,6 +23,7 @@ that stops keeps every setting it finished and recomputes only the rest.
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,20 @@ def spearman(x, y) -> float:
     return float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum())))
 
 
+def within_layers(x, y, layers=None) -> float:
+    """Spearman's rho with the layer held fixed: ranks taken among each layer's heads, centred per layer, pooled
+    (does the score tell sink heads apart inside a layer, beyond both growing with depth?). x, y: (L, H)."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    layers = range(x.shape[0]) if layers is None else layers
+
+    def centred_ranks(v):
+        r = v.argsort().argsort().double()
+        return r - r.mean()
+    a = torch.cat([centred_ranks(x[i]) for i in layers])
+    b = torch.cat([centred_ranks(y[i]) for i in layers])
+    return float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum())))
+
+
 def bootstrap_interval(x, y, draws: int = 2000, seed: int = 0, level: float = 0.95) -> list:
     """Percentile interval of Spearman's rho over heads resampled with replacement."""
     x, y = torch.as_tensor(x).flatten(), torch.as_tensor(y).flatten()
@@ -67,6 +82,14 @@ def bootstrap_interval(x, y, draws: int = 2000, seed: int = 0, level: float = 0.
                                                  for _ in range(draws)))
     lo = rhos[int((1 - level) / 2 * draws)]
     return [lo, rhos[int((1 + level) / 2 * draws) - 1]]
+
+
+def layer_bootstrap(x, y, draws: int = 2000, seed: int = 0, level: float = 0.95) -> list:
+    """Percentile interval of within_layers(x, y) over layers resampled with replacement."""
+    g = torch.Generator().manual_seed(seed)
+    L = torch.as_tensor(x).shape[0]
+    rhos = sorted(within_layers(x, y, torch.randint(0, L, (L,), generator=g).tolist()) for _ in range(draws))
+    return [rhos[int((1 - level) / 2 * draws)], rhos[int((1 + level) / 2 * draws) - 1]]
 
 
 def spans_of(tok, p: eval_nih.Prompt, noisy: int, needle: str) -> dict:
@@ -150,7 +173,9 @@ def probe_calibration(model, tok, builder, grid, scores, methods, factor, ident,
         spearman_p1_sink=spearman(scores["p1"], first), spearman_p1_sink_ci=bootstrap_interval(scores["p1"], first),
         spearman_vanilla_sink=spearman(scores["vanilla"], first),
         spearman_vanilla_sink_ci=bootstrap_interval(scores["vanilla"], first),
-        interval="95% percentile bootstrap over heads (2000 resamples, seed 0)",
+        spearman_h1_sink_within_layers=within_layers(scores["h1"], mass["first"]),
+        spearman_h1_sink_within_layers_ci=layer_bootstrap(scores["h1"], mass["first"]),
+        interval="95% percentile bootstrap over heads (2000 resamples, seed 0); within layers: over layers",
         sink_heads=float(entropy.sink_heads(mass["first"]).float().mean()), sink_threshold=entropy.SINK_THRESHOLD,
         head_sets=placed, scores={k: [[round(float(v), 6) for v in row] for row in s] for k, s in scores.items()},
         mass=head_table(mass))
@@ -385,9 +410,14 @@ def main(argv=None):
             if tests:
                 draw_tests(tests, folder)
         for s in rows:
+            h1, first = s["scores"]["h1"], s["mass"]["first"]
+            lo, hi = layer_bootstrap(h1, first)
             print(f"{s['length']:>6} noisy={s['noisy']}  rho(H1, sink) {s['spearman_h1_sink']:+.3f} "
-                  f"[{s['spearman_h1_sink_ci'][0]:+.3f}, {s['spearman_h1_sink_ci'][1]:+.3f}]  sink heads "
-                  f"{s['sink_heads']:.0%}")
+                  f"[{s['spearman_h1_sink_ci'][0]:+.3f}, {s['spearman_h1_sink_ci'][1]:+.3f}]  within layers "
+                  f"{within_layers(h1, first):+.3f} [{lo:+.3f}, {hi:+.3f}]  rho(p1, sink) {s['spearman_p1_sink']:+.3f}"
+                  f"  sink heads {s['sink_heads']:.0%}  median sink of " + ", ".join(
+                      f"{name} {statistics.median(h['sink'] for h in heads):.2f}"
+                      for name, heads in s["head_sets"].items() if name.startswith("parts")))
         return 0
     if Path(args.model) == DEFAULT_MODEL_DIR:
         ensure_weights()

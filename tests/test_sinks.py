@@ -228,3 +228,19 @@ def test_the_sinks_command_end_to_end_on_a_short_prompt(tmp_path, capsys):
 def test_the_sinks_command_refuses_a_head_outside_the_model(tmp_path):
     with pytest.raises(SystemExit, match=r"--heads 30:0: not a head of the model, which has 30 layers x 9 heads"):
         sinks.main(["--len", "600", "--out", str(tmp_path), "--heads", "30:0"])
+
+
+def test_within_layer_rho_ignores_what_only_the_layer_explains():
+    """A per-layer offset (both grow with depth) moves the pooled rho but not the within-layer one; the same order
+    inside every layer gives 1, the reversed order -1."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 9, generator=g)
+    y = x + 10 * torch.arange(6.0)[:, None]  # same order inside each layer, far apart across layers
+    assert sinks.within_layers(x, y) == pytest.approx(1.0)
+    assert sinks.within_layers(x, -x + torch.arange(6.0)[:, None]) == pytest.approx(-1.0)
+    depth = torch.arange(6.0)[:, None].expand(6, 9)
+    noise = torch.rand(6, 9, generator=g)
+    assert sinks.spearman(depth + 0.1 * x, depth + 0.1 * noise) > 0.8  # pooled: the depth alone
+    assert abs(sinks.within_layers(depth + 0.1 * x, depth + 0.1 * noise)) < 0.5
+    lo, hi = sinks.layer_bootstrap(x, y, draws=200)
+    assert lo == hi == pytest.approx(1.0)
