@@ -180,16 +180,11 @@ def probe_calibration(model, tok, builder, grid, scores, methods, factor, ident,
         head_sets=placed, scores={k: [[round(float(v), 6) for v in row] for row in s] for k, s in scores.items()},
         mass=head_table(mass))
     if args.pictures:
-        heads = args.heads or [placed["parts/asc"][0]["head"], highest_entropy(scores["h1"])]
+        heads = args.heads or [placed["parts/asc"][0]["head"], placed["parts/flat"][0]["head"]]
         window = window_maps(model, p.ids[:WINDOW], heads)
         draw_setting(summary, last_row, window, out)
     eval_nih.write_atomic(out / "sinks.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     return summary
-
-
-def highest_entropy(h1) -> list:
-    i = int(torch.as_tensor(h1).flatten().argmax())
-    return list(divmod(i, torch.as_tensor(h1).shape[1]))
 
 
 def window_maps(model, ids, heads) -> dict:
@@ -386,7 +381,7 @@ def parse_args(argv=None):
     p.add_argument("--no-pictures", dest="pictures", action="store_false")
     p.add_argument("--heads", type=heads_arg, default=None,
                    help="heads whose attention map and query similarity are drawn, as layer:head,... (default: the "
-                        "rule's first head and the highest-entropy head)")
+                        "spikiest head, parts/asc's first, and the flattest, parts/flat's first)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--depths", type=int, default=11, help="the grid's depths per setting (6 at 64K): its test prompts")
     p.add_argument("--plot", nargs="+", default=None, help="folders with sinks.json: the by-multiple panel")
