@@ -338,6 +338,30 @@ def power_lines(power: list) -> list:
     return lines
 
 
+def power_projection(rows: list, prompts: list) -> list:
+    """What one setting's rules could detect with more prompts (more needles per depth): for each rule and number of
+    prompts, the smallest accuracy gain and median log-p shift its rule calls with 80% power, and the power at the
+    paper's +9 points, from the setting's observed paired table and log-p differences (as power_lines)."""
+    if len({(r["length"], r["noisy"]) for r in rows}) != 1:
+        raise SystemExit("error: a power projection is of one setting: give one folder of one (length, noise)")
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    by = {n: {_prompt(r): r for r in rows if r["method"] == n} for n in names}
+    if "none" not in by:
+        raise SystemExit("error: these records hold no baseline (method none) to compare the rules with")
+    lines = [f"What {rows[0]['length']} tokens, noisy={rows[0]['noisy']} ({len(by['none'])} prompts recorded) could "
+             "detect at other numbers of prompts, with 80% power (the observed rates and differences, resampled):", "",
+             "| rule | prompts | detectable accuracy gain, points | power at +9 points | detectable median log p "
+             "shift, nats |", "|---|---|---|---|---|"]
+    for n in (n for n in names if next(iter(by[n].values()))["role"] == "rule"):
+        acc, lp = compare(by["none"], by[n])
+        for k in prompts:
+            gain, shift = detectable_gain(acc["table"], k), detectable_shift(lp["diffs"], k)
+            lines.append(f"| {n} | {k} | " + (f"+{100 * gain:.1f}" if gain is not None else "none") +
+                         f" | {100 * gain_power(acc['table'], PAPER_GAIN, k):.0f}% | " +
+                         (f"> +{shift:.3f}" if shift is not None else "none") + " |")
+    return lines
+
+
 def holm_lines(comps: list) -> list:
     """Each comparison that passes its 95% rule, and whether Holm's procedure keeps it: within its table (a
     setting's family) and across every comparison of the summary."""
@@ -754,3 +778,14 @@ def summarize_dirs(dirs, out: Path, earlier=None) -> list:
             raise SystemExit(f"error: {earlier} is about {old[0]['model']}, the results about {rows[0]['model']}")
         return summarize(rows, Path(out), old)
     return summarize(rows, Path(out))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="What a finished setting's rules could detect with more prompts")
+    p.add_argument("folder", help="a folder an eval_nih.py run wrote results.jsonl to (one setting)")
+    p.add_argument("--prompts", default="11,33,55,88,110", help="numbers of prompts (default: %(default)s)")
+    a = p.parse_args()
+    recs = list(load_done(Path(a.folder) / "results.jsonl").values())
+    print("\n".join(power_projection(recs, [int(x) for x in a.prompts.split(",")])))

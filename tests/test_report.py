@@ -256,3 +256,15 @@ def test_counts_carry_the_mean_log_p_interval_for_the_plot():
                                                                    "parts/asc": [-1.0, -1.0, -1.0]})
     c = {x["method"]: x for x in report.counts(rows)}
     assert c["none"]["logprob_ci"] == pytest.approx(mean_interval([-1.0, -2.0, -3.0]))
+
+
+def test_power_projection_at_more_prompts_uses_the_observed_rates():
+    base = [1] * 5 + [0] * 6
+    rows = rows_for({"none": base, "parts/asc": [1] * 7 + [0] * 4, "parts/random0": base},
+                    {"none": [-2.0] * 11, "parts/asc": [-1.5] * 9 + [-2.5] * 2, "parts/random0": [-2.0] * 11})
+    lines = report.power_projection(rows, [11, 55])
+    gain = detectable_gain((5, 0, 2, 4), 55)
+    assert f"| parts/asc | 55 | +{100 * gain:.1f} |" in "\n".join(lines)
+    assert "| parts/asc | 11 | none |" in "\n".join(lines) and not any("random0" in x for x in lines)
+    with pytest.raises(SystemExit, match="of one setting"):
+        report.power_projection(rows + rows_for({"none": [1]}, length=8192), [11])
