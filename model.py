@@ -1,13 +1,15 @@
 """
 A single-file Llama / Qwen2 forward pass that loads real Hugging Face checkpoints.
 
-Read top to bottom: config -> RoPE (pure functions, one per context-extension scaling) -> RMSNorm -> attention
-(GQA, KV cache, chunked prefill) -> MLP -> block -> model (loading, forward, generate) -> tokenizer.
+Read top to bottom: config -> RoPE (pure functions, one per context-extension scaling) -> RMSNorm -> Self-Extend
+(grouped attention past a neighbour window, a training-free extension to compare DoPE with) -> attention (GQA, KV
+cache, chunked prefill) -> MLP -> block -> model (loading, forward, generate) -> tokenizer.
 
 RoPE is written out explicitly because the DoPE paper (Xiong et al., arXiv 2511.09146) is about it: attention applies
 RoPE from cos/sin tables, and a layer may carry per-head tables (`Attention.head_rope`), which is the seam `dope.py`
 uses to denoise chosen heads without touching this file. The other seams: `Transformer.observing` shows entropy.py q
-and k before rotation; `rope_at`, `logits` and `KVCache.share` let the experiment resume a forward at a layer.
+and k before rotation; `rope_at`, `logits` and `KVCache.share` let the experiment resume a forward at a layer;
+`Transformer.use_self_extend` runs every layer's attention as Self-Extend's.
 
 Module and parameter names follow HF (`q_proj`, `input_layernorm`, ...) so any HF `LlamaForCausalLM` or
 `Qwen2ForCausalLM` safetensors checkpoint loads as is, strictly.
@@ -285,14 +287,14 @@ class KVCache:
         B, h, T, d = k.shape
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions is full: cannot add {T} at position {self.pos}")
-        if self.k[layer] is None or self.k[layer].shape[1] != h:
+        if self.k[layer] is None or self.k[layer].shape[1] != h or self.k[layer].shape[-1] != d:
             if self.pos:  # e.g. a DoPE plan installed or removed mid-sequence: the cached keys are not its keys
                 held = tuple(self.k[layer].shape[1::2]) if self.k[layer] is not None else "none"
                 raise ValueError(f"layer {layer} writes keys of (heads, width) {(h, d)} into a cache whose {self.pos} "
-                                 f"positions hold {held}: install or remove a DoPE plan only on an empty cache "
-                                 "(rewind(0) or a new one)")
+                                 f"positions hold {held}: install or remove a DoPE plan or Self-Extend only on an "
+                                 "empty cache (rewind(0) or a new one)")
             self.k[layer] = k.new_empty(B, h, self.max_len, d)
-            self.v[layer] = v.new_empty(B, h, self.max_len, d)
+            self.v[layer] = v.new_empty(B, h, self.max_len, v.shape[-1])  # Self-Extend's keys are 2d wide
         self.k[layer][:, :, self.pos:self.pos + T] = k
         self.v[layer][:, :, self.pos:self.pos + T] = v
         return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
@@ -311,10 +313,124 @@ class KVCache:
         self.pos = pos
 
 
+# -----------------------------------------------------------------------------
+# Self-Extend (Jin et al. 2024, "LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning", arXiv
+# 2401.01325, Sec. 3): past a neighbour window, attention sees grouped positions, so that no relative position
+# exceeds what the model was trained on. Plain RoPE tables; DoPE's per-head tables apply to both levels.
+
+
+@dataclass(frozen=True)
+class SelfExtend:
+    """Group size G and neighbour window W. A key within the window of its query (0 <= i - j < W) keeps the normal
+    positions i and j; a farther key is seen at j // G and the query at i // G + W - W // G, so the grouped
+    distance continues the window's distances (it is W at i - j = W when G divides both). The paper writes the
+    shift W - W / G: W must be a multiple of G, so that it is a whole position."""
+    group: int
+    window: int
+
+    def __post_init__(self):
+        for name in ("group", "window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, Integral):
+                raise TypeError(f"Self-Extend's {name} must be an int (tokens), got {name}={v!r}")
+            if v < 1:
+                raise ValueError(f"Self-Extend's {name} must be >= 1 token, got {name}={v!r}")
+        if self.window % self.group:
+            raise ValueError(f"Self-Extend's window W={self.window} must be a multiple of its group G={self.group} "
+                             "(the grouped query shift W - W / G is then a whole position)")
+
+    @classmethod
+    def for_length(cls, length: int, native: int, window: int = 1024, group: int = 8) -> "SelfExtend":
+        """The reference implementation's defaults, W = 1024 and G = 8, with G doubled until its authors' rule of
+        thumb holds for `length` tokens: W + (length - W) / G <= 2/3 of the native context (the positions a model
+        has seen most of; the LongLM README, "How to choose the group_size and neighbor_window")."""
+        if window >= native:
+            raise ValueError(f"Self-Extend's window W={window} must be smaller than the native context {native}")
+        while window + (length - window) / group > 2 * native / 3:
+            group *= 2
+        return cls(group, window)
+
+    def positions(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grouped positions (T,) of queries and of keys at absolute positions pos (T,)."""
+        return pos // self.group + self.window - self.window // self.group, pos // self.group
+
+    def max_len(self, native: int) -> int:
+        """The longest sequence whose every position stays below the native context: the farthest grouped query,
+        (T - 1) // G + W - W // G, must be < native, so T <= (native - W + W // G) * G = (native - W) G + W."""
+        return (native - self.window + self.window // self.group) * self.group
+
+    def check(self, length: int, native: int) -> None:
+        """Refuse, naming the values, a window or group that cannot fit `length` tokens into the native context."""
+        if self.window >= native:
+            raise ValueError(f"Self-Extend's window W={self.window} must be smaller than the native context {native}: "
+                             "neighbour positions reach W - 1 and grouped ones start above them")
+        if length > self.max_len(native):
+            raise ValueError(f"Self-Extend with G={self.group}, W={self.window} fits {self.max_len(native)} tokens in "
+                             f"a native context of {native} ((native - W) G + W), not {length}: take a larger group")
+
+    def attend(self, attn, q, k, v, cos, sin, pos, cache=None):
+        """Self-Extend inside attention layer `attn`: q (B, H, T, d), k, v (B, Hkv, T, d) before rotation, cos/sin
+        (T, d) the neighbour tables at pos. Rotates each token twice (normal and grouped positions, through
+        attn.head_rope when DoPE is on), caches both keys side by side, (B, h, S, 2d), and attends. (B, H, T, d)."""
+        B, H, T, d = q.shape
+        end = (cache.pos if cache is not None else 0) + T  # positions 0 .. end - 1 are in the sequence
+        self.check(end, attn.config.max_pos)
+        inv_freq, scale = rope_params(attn.config, end)
+        gq, gk = self.positions(pos)  # (T,) each
+        qn, kn = rope_qk(q, k, cos, sin, pos, attn.head_rope)  # (B, H, T, d), (B, Hkv or H, T, d): positions i, j
+        qg = _rotate(q, *rope_cos_sin(inv_freq.to(q.device), gq, scale), gq, attn.head_rope, 0)  # i // G + W - W // G
+        kg = _rotate(k, *rope_cos_sin(inv_freq.to(k.device), gk, scale), gk, attn.head_rope, 1)  # j // G
+        if kn.shape[1] != v.shape[1]:  # keys came back per query head (DoPE): values follow
+            v = v.repeat_interleave(H // v.shape[1], dim=1)  # (B, H, T, d)
+        kk = torch.cat((kn, kg), dim=-1)  # (B, h, T, 2d)
+        if cache is not None:
+            kk, v = cache.update(attn.layer, kk, v)  # (B, h, S, 2d), (B, h, S, d)
+        return self_extend_attention(qn, kk[..., :d], qg, kk[..., d:], v, end - T, self.window)
+
+
+def _rotate(x, cos, sin, pos, head_rope, which: int):
+    """x (B, h, T, d) rotated by shared tables (T, d), or by head_rope's per-head ones (then expanded to H heads, and
+    DoPE's additive term `add[which]` added: 0 for queries, 1 for keys): one side of rope_qk."""
+    if head_rope is None:
+        return apply_rope(x, cos, sin)
+    cos, sin, add = head_rope(cos, sin, pos)  # (H, T, d) each
+    x = apply_rope(x.repeat_interleave(cos.shape[0] // x.shape[1], dim=1), cos, sin)  # (B, H, T, d)
+    return x if add is None else x + add[which].to(x.dtype)
+
+
+def self_extend_attention(qn, kn, qg, kg, v, start: int, window: int, block: int = 512):
+    """Self-Extend's attention: the neighbour scores qn kn^T / sqrt(d) where 0 <= i - j < window, the grouped
+    scores qg kg^T / sqrt(d) where i - j >= window, merged by that mask into one matrix, causal, one softmax (in
+    float32), times v. Queries (B, H, T, d) sit at positions start .. start + T - 1; keys and values (B, h, S, d)
+    at 0 .. S - 1 (h divides H: a GQA group shares its keys). Queries go `block` at a time, each against the keys
+    it can see, so memory grows with block * S, not T * S; the neighbour product covers only the window's keys.
+    Returns (B, H, T, d)."""
+    B, H, T, d = qn.shape
+    rep, scale = H // kn.shape[1], 1 / math.sqrt(d)
+    if rep > 1:
+        kn, kg, v = (x.repeat_interleave(rep, dim=1) for x in (kn, kg, v))  # (B, H, S, d)
+    out = []
+    for s in range(0, T, block):
+        t = min(block, T - s)
+        first, last = start + s, start + s + t - 1  # this block's query positions
+        lo = max(0, first - window + 1)  # keys before lo are grouped for every query of the block
+        i = torch.arange(first, last + 1, device=qn.device)[:, None]  # (t, 1)
+        j = torch.arange(last + 1, device=qn.device)[None, :]  # (1, last + 1): later keys are in the future
+        scores = (qg[:, :, s:s + t] * scale) @ kg[:, :, :last + 1].transpose(-2, -1)  # (B, H, t, last + 1)
+        near = (i - j[:, lo:] >= 0) & (i - j[:, lo:] < window)  # (t, last + 1 - lo)
+        scores[..., lo:] = torch.where(near, (qn[:, :, s:s + t] * scale) @ kn[:, :, lo:last + 1].transpose(-2, -1),
+                                       scores[..., lo:])
+        scores = scores.float()
+        scores[..., first:].masked_fill_(j[:, first:] > i, float("-inf"))  # causal: only the block's own keys
+        out.append(torch.softmax(scores, dim=-1).to(v.dtype) @ v[:, :, :last + 1])  # (B, H, t, d)
+    return torch.cat(out, dim=2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.config = cfg  # Self-Extend's grouped tables come from the same RoPE
         assert cfg.n_head % cfg.n_kv_head == 0, f"{cfg.n_head} query heads cannot share {cfg.n_kv_head} KV heads"
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
@@ -329,6 +445,8 @@ class Attention(nn.Module):
         # Optional probe(layer, q, k, pos) called with what attention sees: the rotated queries (B, H, T, d) and every
         # key so far (B, h, S, d), key j at position j. entropy.py's attention probe sets it (Transformer.probing).
         self.probe = None
+        # Optional SelfExtend: grouped attention past a neighbour window (Transformer.use_self_extend). None: plain.
+        self.self_extend = None
 
     def forward(self, x, cos, sin, pos, cache=None, mask=None):
         B, T, _ = x.shape
@@ -337,6 +455,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         if self.observer is not None:  # entropy.py reads q and k before rotation
             self.observer(self.layer, q, k, pos)
+        if self.self_extend is not None:  # its own rotations, cache layout and attention (no probe there)
+            y = self.self_extend.attend(self, q, k, v, cos, sin, pos, cache)  # (B, H, T, d)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         rope = kernels.rope_qk if use_kernel(q) else rope_qk  # the fused Triton kernel on a GPU, else eager
         q, k = rope(q, k, cos, sin, pos, self.head_rope)  # (B, H, T, d), (B, Hkv or H, T, d)
         if k.shape[1] != v.shape[1]:  # keys came back per query head (DoPE): values follow
@@ -454,6 +575,23 @@ class Transformer(nn.Module):
         finally:
             for block in self.layers:
                 block.self_attn.probe = None
+
+    def use_self_extend(self, se: "SelfExtend | None"):
+        """Run every layer's attention as Self-Extend `se` (None: plain attention again); returns the model. Its
+        grouped tables use this config's RoPE, which must not change with the length (HF's dynamic NTK does). A
+        cache holds what one setting wrote: switch only between sequences."""
+        if se is not None and not isinstance(se, SelfExtend):
+            raise TypeError(f"use_self_extend takes a SelfExtend or None, got {se!r}")
+        kind = (self.config.rope_scaling or {}).get("rope_type", (self.config.rope_scaling or {}).get("type"))
+        if se is not None and kind == "dynamic":
+            raise ValueError("Self-Extend under HF's dynamic NTK scaling: the base would change with the length and "
+                             "the grouped positions with it; use plain RoPE (Self-Extend's setting) or a static "
+                             "scaling")
+        if se is not None and se.window >= self.config.max_pos:
+            se.check(se.window, self.config.max_pos)  # names the window that cannot fit
+        for block in self.layers:
+            block.self_attn.self_extend = se
+        return self
 
     @torch.inference_mode()
     def prefill(self, idx, cache, chunk: int = 2048, progress=None):

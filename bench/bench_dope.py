@@ -1,6 +1,7 @@
 """
 What DoPE costs: the head-scoring pass, the attention probe and a DoPE forward, each against a plain forward, side by
-side in one run.
+side in one run; and the two baselines the experiment sets beside DoPE, YaRN (a RoPE scaling: the same forward) and
+Self-Extend (grouped attention past a neighbour window: two score matrices per layer), against the same plain forward.
 
     python -m bench.bench_dope                 # SmolLM2, 8K and 16K tokens, float32, one-pass prefill, median of 3
     python -m bench.bench_dope --lens 4k --repeats 5 --dtype bfloat16 --chunk 2048
@@ -25,7 +26,7 @@ import torch
 import entropy
 from bench.bench_model import PeakMemory, default_device, default_dtype, device_name, synchronize
 from dope import VARIANTS, DopePlan, apply_dope, remove_dope
-from model import Config, Transformer, inv_freq_default, parse_len, read_json
+from model import Config, SelfExtend, Transformer, inv_freq_default, parse_len, read_json
 
 
 def parse_args(argv=None):
@@ -38,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk", type=int, default=0, help="prefill chunk; 0 = the whole prompt in one pass, as eval_nih")
     p.add_argument("--k", type=int, default=5, help="heads denoised in the DoPE runs")
+    p.add_argument("--self-extend", default=None, metavar="G,W",
+                   help="Self-Extend's group and window (default: SelfExtend.for_length at each length)")
     p.add_argument("--json", help="also write the measurements to this JSON file")
     p.add_argument("--gram", action="store_true",
                    help="time only the scoring pass's Gram sums (GramAccumulator over every layer, every criterion, "
@@ -109,7 +112,8 @@ def main(argv=None):
     mem = PeakMemory(a.device)
     print(f"{a.model}, {a.dtype}, chunk {a.chunk or 'one pass'}, {device_name(a.device)}, median of {a.repeats}")
     print(f"{'tokens':>7} {'plain s':>8} | {'scoring s':>9} {'ratio':>6} | {'probe s':>8} {'ratio':>6} | " +
-          " | ".join(f"{'DoPE-' + v + ' s':>15} {'ratio':>6}" for v in VARIANTS))
+          " | ".join(f"{'DoPE-' + v + ' s':>15} {'ratio':>6}" for v in VARIANTS) +
+          f" | {'YaRN s':>8} {'ratio':>6} | {'Self-Extend s':>13} {'ratio':>6}")
     rows = []
     for T in [parse_len(s) for s in a.lens.split(",")]:
         native = read_json(Path(a.model) / "config.json").get("max_position_embeddings", 2048)  # the model's own
@@ -141,7 +145,27 @@ def main(argv=None):
                     remove_dope(model)
             return f
 
-        runs = {"plain": plain, "scoring": scoring, "probe": probe, **{v: dope(v) for v in VARIANTS}}
+        def yarn():  # the experiment's YaRN: factor = the context multiple, no fine-tuning
+            ntk = model.config.rope_scaling
+            model.config.rope_scaling = {"rope_type": "yarn", "factor": max(1.0, T / native)}
+            try:
+                plain()
+            finally:
+                model.config.rope_scaling = ntk
+
+        se = SelfExtend(*map(int, a.self_extend.split(","))) if a.self_extend else SelfExtend.for_length(T, native)
+
+        def self_extend():  # on plain RoPE, its own setting
+            ntk, model.config.rope_scaling = model.config.rope_scaling, None
+            model.use_self_extend(se)
+            try:
+                plain()
+            finally:
+                model.use_self_extend(None)
+                model.config.rope_scaling = ntk
+
+        runs = {"plain": plain, "scoring": scoring, "probe": probe, **{v: dope(v) for v in VARIANTS}, "yarn": yarn,
+                "selfextend": self_extend}
         times = {name: [] for name in runs}
         peaks = {name: 0 for name in runs}
         with torch.inference_mode():
@@ -159,13 +183,18 @@ def main(argv=None):
         digits = 1 if med["plain"] >= 10 else 3
         print(f"{T:>7} {med['plain']:>8.{digits}f} | {med['scoring']:>9.{digits}f} "
               f"{med['scoring'] / med['plain']:>6.3f} | {med['probe']:>8.{digits}f} {med['probe'] / med['plain']:>6.3f} | " +
-              " | ".join(f"{med[v]:>15.{digits}f} {med[v] / med['plain']:>6.3f}" for v in VARIANTS), flush=True)
+              " | ".join(f"{med[v]:>15.{digits}f} {med[v] / med['plain']:>6.3f}" for v in VARIANTS) +
+              f" | {med['yarn']:>8.{digits}f} {med['yarn'] / med['plain']:>6.3f} | "
+              f"{med['selfextend']:>13.{digits}f} {med['selfextend'] / med['plain']:>6.3f}", flush=True)
         print(f"{'':>7} peak MB: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in peaks.items()), flush=True)
-        rows.append({"tokens": T, "heads": heads, "median_s": med, "times_s": times,
+        rows.append({"tokens": T, "heads": heads, "self_extend": [se.group, se.window], "median_s": med,
+                     "times_s": times,
                      "ratio": {k: v / med["plain"] for k, v in med.items()},
                      "peak_mb": {k: v / 2**20 for k, v in peaks.items()}})
         model = runs = None  # free the weights (the closures hold them) before the next length's
-    print(f"ratio = time / plain prefill time. DoPE heads (random, k = {a.k}): the cost does not depend on which.")
+    groups = ", ".join(f"{r['tokens']}: {tuple(r['self_extend'])}" for r in rows)
+    print(f"ratio = time / plain prefill time. DoPE heads (random, k = {a.k}): the cost does not depend on which. "
+          f"YaRN: factor = tokens / native. Self-Extend on plain RoPE, (G, W) per length: {groups}")
     where = "allocated on the GPU" if mem.device.type == "cuda" else \
         "resident, of the process" + ("" if mem.per_run else " (since it started: this system cannot reset it)")
     print(f"peak MB: memory {where} during each kind of run (the worst of its repeats), weights included")

@@ -59,11 +59,13 @@ def test_peak_memory_on_the_cpu():
 
 def test_bench_dope_runs_on_the_cpu(tiny_dir, tmp_path, capsys):
     out = tmp_path / "dope.json"
-    bench_dope.main(["--model", tiny_dir, "--lens", "256", "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    bench_dope.main(["--model", tiny_dir, "--lens", "256", "--repeats", "1", "--device", "cpu", "--json", str(out),
+                     "--self-extend", "16,16"])  # the tiny model's native 32 tokens: (32 - 16) 16 + 16 = 272 fit
     r = json.loads(out.read_text())
     assert r["device"] == "cpu" and r["dtype"] == "float32" and len(r["rows"]) == 1
     row = r["rows"][0]
-    kinds = {"plain", "scoring", "probe", "parts", "all", "gaussian"}
+    kinds = {"plain", "scoring", "probe", "parts", "all", "gaussian", "yarn", "selfextend"}
+    assert row["self_extend"] == [16, 16]
     assert set(row["median_s"]) == kinds and set(row["peak_mb"]) == kinds
     assert all(v > 0 for v in row["peak_mb"].values())
     assert "peak MB" in capsys.readouterr().out
