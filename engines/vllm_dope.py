@@ -384,7 +384,7 @@ class VllmDope:
             spec = dict(arch=arch, layers=self.layers, plan=plan_to_dict(plan) if plan is not None else None)
             kwargs["hf_overrides"] = {**kwargs.get("hf_overrides", {}), "architectures": [f"Dope{arch}"],
                                       "dope": json.dumps(spec)}
-            kwargs["worker_extension_cls"] = WORKER_EXTENSION
+        kwargs["worker_extension_cls"] = WORKER_EXTENSION  # kv_bytes() on a plain engine too
         self.plan = plan
         self.llm = LLM(model=str(path), tensor_parallel_size=tp, **kwargs)
 
@@ -427,8 +427,7 @@ class VllmDope:
 
     def kv_bytes(self) -> dict:
         """{layer: KV cache bytes per token}, summed over the workers, measured on vLLM's allocated tensors."""
-        per_worker = self.llm.collective_rpc("dope_kv_bytes") if self.layers else \
-            self.llm.collective_rpc(DopeWorker.dope_kv_bytes)
+        per_worker = self.llm.collective_rpc("dope_kv_bytes")
         return {int(i): sum(w[i] for w in per_worker) for i in per_worker[0]}
 
 
