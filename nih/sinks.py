@@ -256,6 +256,33 @@ def binned(row, bins: int = 512) -> dict:
     return dict(width=width, mass=[round(float(v), 7) for v in sums])
 
 
+RETRIEVAL = 0.1  # a retrieval head: the baseline's last 32 queries give the needle at least this share on average
+
+
+def test_table(rows: list) -> list:
+    """Measurement 2's summaries, one line per (depth, method) beside the baseline of that prompt: (a) the denoised
+    heads' summed sink mass, (b) the needle mass summed over the heads of the layers above the lowest denoised one,
+    (c) the retrieval heads (baseline needle mass >= RETRIEVAL) and how many of them the method denoises."""
+    base = {r["depth"]: r for r in rows if r["method"] == "none"}
+    out = []
+    for r in rows:
+        b = base.get(r["depth"])
+        if b is None or r["method"] == "none":
+            continue
+        heads = [tuple(h) for h in r["heads"]]
+        first = min(layer for layer, _ in heads)
+        sink = lambda x: sum(x["mass"]["first"][layer][h] for layer, h in heads)  # noqa: E731
+        above = lambda x: sum(sum(row) for row in x["mass"]["needle"][first + 1:])  # noqa: E731
+        retrieval = [(layer, h) for layer, row in enumerate(b["mass"]["needle"]) for h, v in enumerate(row)
+                     if v >= RETRIEVAL]
+        out.append(dict(depth=r["depth"], method=r["method"], sink_before=sink(b), sink_after=sink(r),
+                        needle_above_before=above(b), needle_above_after=above(r), first_layer=first,
+                        retrieval=retrieval, retrieval_denoised=[h for h in retrieval if h in heads],
+                        logprob_before=b["logprob"], logprob_after=r["logprob"], answer=r["answer"],
+                        score=r["score"], score_before=b["score"]))
+    return out
+
+
 def draw_tests(rows: list, out: Path):
     """(c) The answer position's attention along the prompt (mean over heads, summed per bin), per test prompt: the
     baseline and each method, the needle marked."""
@@ -404,6 +431,14 @@ def main(argv=None):
             tests = [json.loads(f.read_text()) for f in sorted(folder.glob("test_*.json"))]
             if tests:
                 draw_tests(tests, folder)
+                print(f"{folder}: measurement 2, {len(tests)} (depth, method) probes")
+                for t in test_table(tests):
+                    lp = ("" if t["logprob_before"] is None else
+                          f"  log p {t['logprob_before']:+.3f} -> {t['logprob_after']:+.3f}")
+                    print(f"  depth {t['depth']:.0%} {t['method']:>17}: denoised heads' sink {t['sink_before']:.3f} "
+                          f"-> {t['sink_after']:.3f}; needle mass above layer {t['first_layer']} "
+                          f"{t['needle_above_before']:.3f} -> {t['needle_above_after']:.3f}; retrieval heads "
+                          f"{len(t['retrieval'])}, denoised {t['retrieval_denoised']}{lp}")
         for s in rows:
             h1, first = s["scores"]["h1"], s["mass"]["first"]
             lo, hi = layer_bootstrap(h1, first)

@@ -215,6 +215,11 @@ def test_the_sinks_command_end_to_end_on_a_short_prompt(tmp_path, capsys):
     tests = {t["method"]: t for t in s["tests"]}
     assert set(tests) >= {"none", "parts/asc", "parts/flat", "gaussian/asc", "parts/random0"}
     assert all(t["depth"] == 0.5 and sum(t["profile"]["mass"]) == pytest.approx(1.0, abs=1e-4) for t in tests.values())
+    table = {t["method"]: t for t in sinks.test_table(s["tests"])}
+    assert set(table) == set(tests) - {"none"}
+    asc = table["parts/asc"]
+    assert asc["sink_before"] == pytest.approx(sum(tests["none"]["mass"]["first"][a][b] for a, b in asc_heads(s)))
+    assert asc["sink_after"] == pytest.approx(sum(tests["parts/asc"]["mass"]["first"][a][b] for a, b in asc_heads(s)))
     files = sorted(p.name for p in out.glob("test_*.json"))
     assert len(files) == len(tests)
     for name in ("scores_vs_sink.png", "window_maps.png", "answer_attention.png", "answer_attention_by_method.png"):
@@ -223,6 +228,10 @@ def test_the_sinks_command_end_to_end_on_a_short_prompt(tmp_path, capsys):
     assert sinks.main(argv) == 0  # resumes: nothing probed again
     assert {f: (out / f).stat().st_mtime_ns for f in files} == stamp
     assert "not probed again" in capsys.readouterr().out
+
+
+def asc_heads(summary):
+    return [tuple(h["head"]) for h in summary["head_sets"]["parts/asc"]]
 
 
 def test_the_sinks_command_refuses_a_head_outside_the_model(tmp_path):
