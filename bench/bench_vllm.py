@@ -3,7 +3,7 @@ vLLM (engines/vllm_dope.py) against model.py on a short prompt set, greedy, plai
 and the KV cache bytes per token that vLLM allocates with and without the plan. Run it with the vLLM environment's
 python (`bash .ci/vllm_env` makes it and prints it):
 
-    $(bash .ci/vllm_env) -m bench.bench_vllm                  # SmolLM2 fp32, 4 prompts x 128 tokens, 32 new, median of 3
+    $(bash .ci/vllm_env) -m bench.bench_vllm       # SmolLM2 fp32, 4 prompts x 128 tokens, 32 new, median of 3
     $(bash .ci/vllm_env) -m bench.bench_vllm --model weights/Qwen2.5-Coder-0.5B-Instruct-fp32 --new 16
 
 model.py decodes one prompt at a time (its generate() takes one sequence); vLLM answers the prompts one at a time and
@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "weights/SmolLM2-135M-Instruct-fp32"),
-                   help="an HF folder (default: %(default)s, made by python -m tools.setup_weights smollm2 --dtype fp32 "
-                        "in the project's environment: the vLLM one has no gguf)")
+                   help="an HF folder (default: %(default)s, made by python -m tools.setup_weights smollm2 --dtype "
+                        "fp32 in the project's environment: the vLLM one has no gguf)")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--len", type=int, default=128, help="tokens per prompt (slices of docs/METHOD.md)")
     p.add_argument("--new", type=int, default=32, help="greedy tokens per prompt")
@@ -107,10 +107,10 @@ def main(argv=None):
     print(f"KV cache bytes per token, measured on vLLM's tensors ({cfg.n_layer} layers, {cfg.n_head} query / "
           f"{cfg.n_kv_head} KV heads, d = {cfg.head_dim}, float32):")
     layers = sorted({layer for layer, _ in heads})
-    print(f"  a plain layer {kv['plain'][0]:.0f}, a DoPE layer {kv[a.variant][layers[0]]:.0f} "
-          f"({kv[a.variant][layers[0]] / kv['plain'][layers[0]]:.1f}x); the model: plain {sum(kv['plain'].values()):.0f}"
-          f", with the plan ({len(layers)} DoPE layers) {sum(kv[a.variant].values()):.0f} "
-          f"({sum(kv[a.variant].values()) / sum(kv['plain'].values()):.3f}x)")
+    plain, planned, first = sum(kv["plain"].values()), sum(kv[a.variant].values()), layers[0]
+    print(f"  a plain layer {kv['plain'][first]:.0f}, a DoPE layer {kv[a.variant][first]:.0f} "
+          f"({kv[a.variant][first] / kv['plain'][first]:.1f}x); the model: plain {plain:.0f}, with the plan "
+          f"({len(layers)} DoPE layers) {planned:.0f} ({planned / plain:.3f}x)")
 
 
 if __name__ == "__main__":  # vLLM's workers start with spawn and import this file: guard the entry point

@@ -52,7 +52,7 @@ from model import Config, read_json, rope_cos_sin, rope_params, rope_qk
 try:
     import vllm
     from vllm import LLM, ModelRegistry, SamplingParams
-    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+    from vllm.distributed import get_tensor_model_parallel_rank
     from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
     from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2Model
     from vllm.model_executor.models.utils import extract_layer_index
@@ -176,8 +176,8 @@ def check_stock_rotary(rotary, cfg: Config, where: str):
     ours = torch.cat((cos[:, :d // 2], sin[:, :d // 2]), dim=-1)  # (P, d): vLLM's layout, cos bands then sin bands
     err = (cache.float() - ours).abs().max().item()
     if err > 1e-3:
-        raise ValueError(f"{where}: vLLM rotates with another table than model.rope_params (largest difference {err:.2g}"
-                         f" over {cache.shape[0]} positions) for rope_scaling={cfg.rope_scaling}")
+        raise ValueError(f"{where}: vLLM rotates with another table than model.rope_params (largest difference "
+                         f"{err:.2g} over {cache.shape[0]} positions) for rope_scaling={cfg.rope_scaling}")
 
 
 class DopeRotary(nn.Module):
@@ -190,7 +190,7 @@ class DopeRotary(nn.Module):
         self.slot, self.head_dim = None, cfg.head_dim  # the slot: bound by the model to its Layout
         self.inv_freq, self.scale = rope_params(cfg)
         self.heads = slice(rank * n_local, (rank + 1) * n_local)  # this worker's query heads, and now its keys
-        self.calls = 0  # forward calls since the model's forward began: DopeModel checks it is 1
+        self.calls = 0  # calls in the current model forward: DopeLlamaForCausalLM.forward checks it is 1
 
     def local(self, cos, sin, pos):
         cos, sin, add = self.slot.head_rope(cos, sin, pos)  # (H, T, d) each over all the layer's heads

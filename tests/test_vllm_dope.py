@@ -84,9 +84,9 @@ def reference(model, prompts, plan):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Calibrate on model.py, compute the references, then run every engine in the vLLM environment once."""
+    """Calibrate on model.py, start every engine in the vLLM environment, and compute the references meanwhile."""
     exe = vllm_python()
-    models, jobs = {}, [dict(seams=True)]
+    models, jobs, refs = {}, [dict(seams=True)], {}
     for name in MODELS:
         path = ensure_weights(name, dtype="fp32")
         ref = Transformer.from_pretrained(path, dtype=torch.float32)
@@ -95,10 +95,8 @@ def world(tmp_path_factory):
         grams = entropy.score_model(ref, ids[:128], criteria=("query/post_ntk",), chunk=128, progress=False)
         heads = entropy.select_heads(entropy.head_scores(grams["query/post_ntk"]), 4)
         layers = sorted({layer for layer, _ in heads})
-        m = dict(path=str(path), cfg=ref.config, heads=heads, layers=layers, prompts=prompts,
-                 ref={v: reference(ref, prompts, make_plan(heads, v)) for v in RUN[name]})
-        m["ref"]["plain"] = reference(ref, prompts, None)
-        models[name] = m
+        models[name] = m = dict(path=str(path), cfg=ref.config, heads=heads, layers=layers, prompts=prompts)
+        refs[name] = ref
         run = dict(prompts=prompts, max_new_tokens=NEW)
         other = next(i for i in range(ref.config.n_layer) if i not in layers)
         m["jobs"] = dict(plain=len(jobs), dope=len(jobs) + 1)
@@ -128,10 +126,19 @@ def world(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("vllm")
     (tmp / "jobs.json").write_text(json.dumps(jobs))
-    (tmp / "references.json").write_text(json.dumps({name: m["ref"] for name, m in models.items()}))  # to read a failure
     with open(tmp / "log.txt", "w") as log:
-        proc = subprocess.run([str(exe), "-m", "engines.vllm_dope", str(tmp / "jobs.json"), str(tmp / "out.json")],
-                              cwd=ROOT, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT, timeout=900)
+        proc = subprocess.Popen([str(exe), "-m", "engines.vllm_dope", str(tmp / "jobs.json"), str(tmp / "out.json")],
+                                cwd=ROOT, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT)
+    try:  # while vLLM imports, spawns and loads (much of it on one core)
+        for name, m in models.items():
+            m["ref"] = {v: reference(refs[name], m["prompts"], make_plan(m["heads"], v)) for v in RUN[name]}
+            m["ref"]["plain"] = reference(refs[name], m["prompts"], None)
+        (tmp / "references.json").write_text(json.dumps({name: m["ref"] for name, m in models.items()}))
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if proc.returncode:
         tail = (tmp / "log.txt").read_text()[-6000:]
         pytest.fail(f"the vLLM jobs exited with {proc.returncode}; the end of its log:\n{tail}")
