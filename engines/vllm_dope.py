@@ -30,13 +30,15 @@ Where it enters vLLM 0.32 (tests/test_vllm_dope.py checks each point; a move rai
 - The rotary embedding: LlamaAttention.forward and Qwen2Attention.forward call `q, k = self.rotary_emb(positions, q,
   k)` on flat (tokens, heads * d) tensors. On a DoPE layer it is replaced by DopeRotary, which rotates with model.py's
   rope_qk and the layer's dope.HeadRope tables (this worker's heads of them under tensor parallelism). vLLM's own
-  rotary must agree with model.rope_params on its table, or loading fails.
+  rotary must agree with model.rope_params on its table, or loading fails (every engine checks it once loaded).
+- hf_overrides also carry a RoPE scaling: the paper's static NTK is plain RoPE with a larger base (vllm_rope).
 Tables are built in Python per forward, so the engine runs eagerly (enforce_eager=True; torch.compile is refused).
 """
 
 import copy
 import inspect
 import json
+import math
 import sys
 import time
 from dataclasses import fields
@@ -214,8 +216,12 @@ def dope_spec(config) -> dict:
     return json.loads(spec)
 
 
-def ours_config(config, spec: dict) -> Config:
-    return Config.from_hf({**config.to_dict(), "architectures": [spec["arch"]]})
+def ours_config(spec: dict) -> Config:
+    """model.py's Config of the checkpoint, with the engine's rope_scaling (the worker's hf_config holds vLLM's form
+    of it, and a raised max_position_embeddings, which is not the native context by-parts needs)."""
+    cfg = Config.from_hf(spec["config"])
+    cfg.rope_scaling = spec["rope_scaling"]
+    return cfg
 
 
 def layer_config(config, prefix: str):
@@ -235,7 +241,7 @@ def per_head_rotary(attn, config, prefix: str):
         raise RuntimeError(f"{where}: vLLM {vllm.__version__} moved what vllm_dope.py relies on: "
                            + (f"no {', '.join(missing)}" if missing else
                               f"{attn.num_kv_heads} KV heads for {attn.num_heads} query heads after the override"))
-    cfg = ours_config(config, dope_spec(config))
+    cfg = ours_config(dope_spec(config))
     check_stock_rotary(attn.rotary_emb, cfg, where)
     attn.rotary_emb = DopeRotary(cfg, get_tensor_model_parallel_rank(), attn.num_heads)
 
@@ -263,7 +269,7 @@ class DopeLlamaForCausalLM(LlamaForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=DopeLlamaDecoderLayer)
         config = vllm_config.model_config.hf_config
         spec = dope_spec(config)
-        cfg = ours_config(config, spec)
+        cfg = ours_config(spec)
         self.dope_layers, self.dope_n_kv_head, self.dope_n_head = spec["layers"], cfg.n_kv_head, cfg.n_head
         self.dope_layout = Layout(cfg, set(self.dope_layers))
         self.dope_rotaries = {}
@@ -332,6 +338,15 @@ class DopeWorker:
     def dope_install(self, plan: dict | None):
         self.model_runner.get_model().dope_install(plan)
 
+    def dope_check_rope(self, spec: dict):
+        """Every vLLM rotary embedding left in the model rotates with model.rope_params' table (check_stock_rotary)."""
+        cfg, seen = ours_config(spec), set()
+        for i, layer in enumerate(self.model_runner.get_model().model.layers):
+            rotary = layer.self_attn.rotary_emb
+            if not isinstance(rotary, DopeRotary) and id(rotary) not in seen:  # vLLM shares one between layers
+                check_stock_rotary(rotary, cfg, f"layer {i}")
+                seen.add(id(rotary))
+
     def dope_kv_bytes(self) -> dict:
         """KV cache bytes per token of each layer on this worker, from the tensors vLLM allocated: a layer's cache
         holds num_blocks x block_size token slots."""
@@ -348,12 +363,30 @@ class DopeWorker:
 # In the main process: the engine
 
 
+def vllm_rope(cfg: Config) -> dict:
+    """hf_overrides that make vLLM rotate as model.rope_params does for cfg.rope_scaling (None or the static "ntk")."""
+    s = cfg.rope_scaling or {}
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind not in ("default", "ntk"):
+        raise ValueError(f"vllm_dope passes no rope_scaling but the paper's static {{'rope_type': 'ntk'}} to vLLM, "
+                         f"got {cfg.rope_scaling} (a scaling in config.json is vLLM's own, checked at load)")
+    d = cfg.head_dim
+    a = s.get("factor", 1.0)
+    base = cfg.rope_theta * (a * a - a + 1) ** (d / (d - 2))  # model.rope_ntk's base' (a = 1: the base itself)
+    length = max(cfg.max_pos, math.ceil(a * cfg.max_pos))
+    return {"rope_parameters": {"rope_type": "default", "rope_theta": base}, "max_position_embeddings": length}
+
+
+
 class VllmDope:
     """A vLLM engine (vllm.LLM, as .llm) on an HF Llama/Qwen2 folder, running a dope.DopePlan (see the module
     docstring). layers: the layers that keep one key per query head (default: the plan's); with neither, plain vLLM.
-    Other keyword arguments go to vllm.LLM (dtype defaults to float32, max_model_len to 2048)."""
+    rope_scaling overrides the config's, as in model.Transformer: {"rope_type": "ntk", "factor": a}, the paper's static
+    NTK, reaches vLLM as plain RoPE with model.rope_params' base, base * (a^2 - a + 1)^(d / (d - 2)), over a * L_native
+    positions. Other keyword arguments go to vllm.LLM (dtype defaults to float32, max_model_len to 2048)."""
 
-    def __init__(self, path, plan: dope.DopePlan | None = None, layers=(), tensor_parallel_size: int = 1, **llm_kwargs):
+    def __init__(self, path, plan: dope.DopePlan | None = None, layers=(), tensor_parallel_size: int = 1,
+                 rope_scaling: dict | None = None, **llm_kwargs):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {path} (see weights.md for how to get weights)")
@@ -362,6 +395,10 @@ class VllmDope:
         if arch not in ARCHITECTURES:
             raise ValueError(f"vllm_dope supports {' and '.join(ARCHITECTURES)}, not {arch}")
         cfg = Config.from_hf(hf)
+        overrides = {}
+        if rope_scaling is not None:
+            cfg.rope_scaling = rope_scaling or None
+            overrides = vllm_rope(cfg)
         if plan is not None and not plan.heads:
             raise ValueError("the plan names no heads (a plain engine is VllmDope(path))")
         self.config = cfg
@@ -380,13 +417,15 @@ class VllmDope:
         if llm_kwargs.get("pipeline_parallel_size", 1) != 1:
             raise ValueError("vllm_dope runs one pipeline stage (pipeline_parallel_size=1)")
         kwargs = {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "seed": 0, **llm_kwargs}
+        spec = dict(arch=arch, layers=self.layers, plan=plan_to_dict(plan) if plan is not None else None, config=hf,
+                    rope_scaling=cfg.rope_scaling)
+        kwargs["hf_overrides"] = {**kwargs.get("hf_overrides", {}), **overrides}
         if self.layers:
-            spec = dict(arch=arch, layers=self.layers, plan=plan_to_dict(plan) if plan is not None else None)
-            kwargs["hf_overrides"] = {**kwargs.get("hf_overrides", {}), "architectures": [f"Dope{arch}"],
-                                      "dope": json.dumps(spec)}
-        kwargs["worker_extension_cls"] = WORKER_EXTENSION  # kv_bytes() on a plain engine too
+            kwargs["hf_overrides"].update(architectures=[f"Dope{arch}"], dope=json.dumps(spec))
+        kwargs["worker_extension_cls"] = WORKER_EXTENSION  # kv_bytes() and the RoPE check on a plain engine too
         self.plan = plan
         self.llm = LLM(model=str(path), tensor_parallel_size=tp, **kwargs)
+        self.llm.collective_rpc("dope_check_rope", args=(spec,))
 
     def check(self, plan: dope.DopePlan | None):
         """Refuse, before any worker sees it, a plan with heads outside the model or on a layer with shared keys:
@@ -436,9 +475,10 @@ class VllmDope:
 
 
 def run_jobs(jobs: list[dict]) -> list[dict]:
-    """Each job loads one engine and answers its runs: {"model", "plan", "layers", "tensor_parallel_size", "llm" (more
-    vllm.LLM arguments), "kv_bytes", "runs": [{"plan" (installed first when the key is there), "prompts",
-    "max_new_tokens"}]}; plans are dicts of DopePlan fields (plan_to_dict). {"seams": true} reports check_seams().
+    """Each job loads one engine and answers its runs: {"model", "plan", "layers", "tensor_parallel_size",
+    "rope_scaling", "llm" (more vllm.LLM arguments), "kv_bytes", "runs": [{"plan" (installed first when the key is
+    there), "prompts", "max_new_tokens"}]}; plans are dicts of DopePlan fields (plan_to_dict). {"seams": true} reports
+    check_seams().
     An error (a refused plan) is reported as {"error": "Type: message"} for its job or run, and the jobs go on."""
     results = []
     for job in jobs:
@@ -448,7 +488,7 @@ def run_jobs(jobs: list[dict]) -> list[dict]:
         t = time.perf_counter()
         try:
             engine = VllmDope(job["model"], plan_from_dict(job.get("plan")), job.get("layers", ()),
-                              job.get("tensor_parallel_size", 1), **job.get("llm", {}))
+                              job.get("tensor_parallel_size", 1), job.get("rope_scaling"), **job.get("llm", {}))
         except (ValueError, TypeError, RuntimeError) as e:
             results.append(dict(error=f"{type(e).__name__}: {e}"))
             continue

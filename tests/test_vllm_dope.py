@@ -24,6 +24,7 @@ from tools.setup_weights import ensure_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("smollm2", "qwen2.5-coder-0.5b")
+NTK = {"rope_type": "ntk", "factor": 2.0}  # the paper's static Dynamic NTK, as eval_nih runs past the native context
 # By-parts with the model's native context (8K, 32K) leaves bands that turn less than 2 pi / 32768 per token unrotated:
 # over a 100-token prompt they barely turn anyway. native_len=64 takes every band slower than 2 pi / 64 (most of them),
 # so that the plan moves the answers well past the tolerance and the comparison can fail.
@@ -97,6 +98,8 @@ def world(tmp_path_factory):
         layers = sorted({layer for layer, _ in heads})
         models[name] = m = dict(path=str(path), cfg=ref.config, heads=heads, layers=layers, prompts=prompts)
         refs[name] = ref
+        if name == "smollm2":
+            refs["smollm2-ntk"] = Transformer.from_pretrained(path, dtype=torch.float32, rope_scaling=NTK)
         run = dict(prompts=prompts, max_new_tokens=NEW)
         other = next(i for i in range(ref.config.n_layer) if i not in layers)
         m["jobs"] = dict(plain=len(jobs), dope=len(jobs) + 1)
@@ -105,13 +108,17 @@ def world(tmp_path_factory):
                       runs=[dict(run, plan=plan_dict(make_plan(heads, v))) for v in RUN[name]]
                       + [dict(run, plan=None), dict(run, plan=dict(plan_dict(make_plan(heads, "parts")),
                                                                    heads=[[other, 0]]))])]
+    smol = models["smollm2"]
+    smol["jobs"]["ntk"] = len(jobs)
+    jobs.append(dict(model=smol["path"], layers=smol["layers"], rope_scaling=NTK, llm=LLM_ARGS,
+                     runs=[dict(prompts=smol["prompts"], max_new_tokens=NEW, plan=plan)
+                           for plan in (plan_dict(make_plan(smol["heads"], "parts")), None)]))
     qwen = models["qwen2.5-coder-0.5b"]
     runs = [dict(prompts=qwen["prompts"], max_new_tokens=NEW, plan=plan_dict(make_plan(qwen["heads"], v)))
             for v in ("parts", "gaussian")]
     qwen["jobs"]["tp2"] = len(jobs)
     jobs.append(dict(model=qwen["path"], layers=qwen["layers"], tensor_parallel_size=2, llm=LLM_ARGS, kv_bytes=True,
                      runs=runs))
-    smol = models["smollm2"]
     refused = {"layer outside": [[smol["cfg"].n_layer, 0]], "head outside": [[0, smol["cfg"].n_head]]}
     smol["refused"] = {}
     for why, heads in refused.items():
@@ -120,6 +127,8 @@ def world(tmp_path_factory):
     smol["refused"]["tp"] = len(jobs)
     jobs.append(dict(model=smol["path"], plan=plan_dict(make_plan(smol["heads"], "parts")), tensor_parallel_size=2,
                      runs=[]))
+    smol["refused"]["linear"] = len(jobs)
+    jobs.append(dict(model=smol["path"], rope_scaling={"rope_type": "linear", "factor": 2.0}, runs=[]))
     smol["refused"]["compiled"] = len(jobs)
     jobs.append(dict(model=smol["path"], plan=plan_dict(make_plan(smol["heads"], "parts")),
                      llm=dict(enforce_eager=False), runs=[]))
@@ -133,6 +142,8 @@ def world(tmp_path_factory):
         for name, m in models.items():
             m["ref"] = {v: reference(refs[name], m["prompts"], make_plan(m["heads"], v)) for v in RUN[name]}
             m["ref"]["plain"] = reference(refs[name], m["prompts"], None)
+        smol["ref"]["ntk parts"] = reference(refs["smollm2-ntk"], smol["prompts"], make_plan(smol["heads"], "parts"))
+        smol["ref"]["ntk plain"] = reference(refs["smollm2-ntk"], smol["prompts"], None)
         (tmp / "references.json").write_text(json.dumps({name: m["ref"] for name, m in models.items()}))
         proc.wait(timeout=900)
     finally:
@@ -182,6 +193,17 @@ def test_each_variant_gives_model_py_s_tokens_and_logprobs(world, name, variant)
     moved = max(abs(a - b) for g, p in zip(got, m["ref"]["plain"]) for a, b in zip(g["logprobs"], p["logprobs"]))
     assert moved > 1e-3 or any(g["tokens"] != p["tokens"] for g, p in zip(got, m["ref"]["plain"])), \
         f"{variant} on {m['heads']} left the answers at plain RoPE's"
+
+
+def test_the_paper_s_static_ntk_scaling_reaches_vllm_as_model_py_rotates(world):
+    """rope_scaling={"rope_type": "ntk", "factor": 2}: vLLM's own layers rotate with model.py's NTK base (checked on
+    its tables at load), by-parts takes its bands from the scaled frequencies, and the answers are model.py's."""
+    m = world["models"]["smollm2"]
+    for run, what in enumerate(("ntk parts", "ntk plain")):
+        assert_same(answers(world, "smollm2", "ntk", run), m["ref"][what], f"SmolLM2 {what}")
+    moved = max(abs(a - b) for g, p in zip(m["ref"]["ntk plain"], m["ref"]["plain"])
+                for a, b in zip(g["logprobs"], p["logprobs"]))
+    assert moved > 1e-3, "NTK x2 left the answers at plain RoPE's: the test would not see a lost scaling"
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -235,6 +257,7 @@ def test_two_tensor_parallel_workers_give_one_worker_s_tokens_and_logprobs(world
 
 @pytest.mark.parametrize("why, words", [("layer outside", "do not exist"), ("head outside", "do not exist"),
                                          ("tp", "does not split the 9 query heads"),
+                                         ("linear", "passes no rope_scaling but the paper's static"),
                                          ("compiled", "enforce_eager=True")])
 def test_plans_the_layout_cannot_serve_are_refused_before_vllm_loads(world, why, words):
     got = world["out"][world["models"]["smollm2"]["refused"][why]]
