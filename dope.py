@@ -12,8 +12,20 @@ positional encoding" means the identity rotation (cos = 1, sin = 0), which keeps
 - by-Gaussian (v1 Eq. 36-37, v2 Eq. 17): cos and sin replaced by i.i.d. N(0, sigma^2) draws.
 
 The same tables rotate the head's query and its key (a key shared by a GQA group is rotated once per query head).
-This file does not import model.py: `apply_dope` needs only a model whose attention layers have a `head_rope` slot,
-called as head_rope(cos (T, d), sin (T, d), pos (T,)) -> (cos (H, T, d), sin (H, T, d), add or None).
+
+This file does not import model.py. apply_dope and remove_dope work on any model that has (model.Transformer and
+engines/hf_dope.HFModel do; tests/test_dope.py checks a hand-written one with nothing else):
+  model.layers[i].self_attn   one attention module per layer, with
+      .n_head                 its number of query heads H (read from layer 0), and
+      .head_rope              a slot: apply_dope puts a HeadRope in the denoised layers', remove_dope sets every one to
+                              None. When it is set, the attention calls head_rope(cos (T, d), sin (T, d), pos (T,)) ->
+                              (cos (H, T, d), sin (H, T, d), add: None or (2, H, T, d)), rotates query head h and its
+                              key (once per query head it serves) with cos[h], sin[h], then adds add[0] to the queries
+                              and add[1] to the keys (model.rope_qk is the reference).
+and, for by-parts only (its bands come from the frequencies in use):
+  model.config.max_pos        L_native of the band threshold, unless DopePlan(native_len=...) gives it
+  model.config.rope_scaling   a dict or None: HF's "dynamic" type is refused without an inv_freq
+  model.rope_inv_freq()       the frequencies in use (d/2,), unless apply_dope(..., inv_freq=...) gives them
 """
 
 import math

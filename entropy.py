@@ -33,7 +33,7 @@ CRITERIA = (
 )
 METRICS = ("trunc", "vanilla", "renorm", "spectral")
 PREPROCESS = ("none", "uncomp")
-ORDERS = ("asc", "desc")
+ORDERS = ("asc", "desc", "flat")  # select_heads(): the two readings of which end loses its encoding
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -353,7 +353,7 @@ def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="non
 
     Score them with head_scores(); for several calibration prompts call this once per prompt and combine the
     per-prompt scores with mean_scores(). Calibrate at the target length (the paper picks its 64K heads on 64K
-    prompts), so a prompt shorter than one chunk is refused.
+    prompts); a prompt shorter than `chunk` tokens runs as one chunk.
 
     The model is duck-typed: model.config.{n_layer, n_head, n_kv_head, head_dim}; model.rope_inv_freq() (in use) and
     model.rope_inv_freq(scaled=False) (original base); model.new_cache(batch=1, max_len=T); and
@@ -373,9 +373,11 @@ def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="non
         tokens = tokens[None]  # (1, T)
     assert tokens.ndim == 2 and tokens.shape[0] == 1, f"tokens must be (T,) or (1, T), got {tuple(tokens.shape)}"
     T = tokens.shape[1]
-    if T < chunk:
-        raise ValueError(f"a calibration prompt of {T} tokens is shorter than one chunk ({chunk}); "
-                         "score at the target length")
+    if isinstance(chunk, bool) or not isinstance(chunk, Integral) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1 (tokens per forward), got chunk={chunk!r}")
+    if T == 0:
+        raise ValueError("the calibration prompt is empty (0 tokens)")
+    chunk = min(chunk, T)  # a short prompt is one chunk
     cfg = model.config
     acc = GramAccumulator(cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
                           inv_freq_used=model.rope_inv_freq(seq_len=T), inv_freq_orig=model.rope_inv_freq(scaled=False),
@@ -395,9 +397,17 @@ def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="non
 def select_heads(scores, k, order="asc"):
     """The k heads to denoise, chosen globally over all layers x heads (v1 Eq. 31, v2 Eq. 12).
 
-    scores: (L, H). order="asc" takes the k lowest scores, "desc" the k highest. The paper's rule of thumb:
-    truncated entropy -> "asc" (denoise the spikiest heads), vanilla entropy -> "desc"; the spectral share p1 ->
-    "desc". Ties are broken by (layer, head) ascending, so the choice is deterministic (GQA key scores tie a lot).
+    scores: (L, H). Which end of the ranking loses its encoding is where the paper's sources disagree
+    (docs/METHOD.md, section 6); the orders name the readings:
+      "asc"   the k lowest scores. On truncated entropy H^r: the spikiest, low-entropy heads, the paper's figures'
+              and the Chinese summary's reading, and its rule of thumb (vanilla entropy pairs with "desc").
+      "desc"  the k highest scores.
+      "flat"  the k flattest, highest-rank heads: the k lowest spectral shares p1, whatever metric a rule names, so
+              `scores` must be p1 (spectrum_scores(p, "spectral"), in (0, 1]). The Korean summary's reading: low-rank
+              heads extrapolate well and keep their encoding, high-rank heads lose it. Not "desc" on H^1, whose
+              maximum sits at p1 = 1/e; where every head has p1 >= 1/e, "flat" and "asc" on H^1 are the two ends of
+              one ranking.
+    Ties are broken by (layer, head) ascending, so the choice is deterministic (GQA key scores tie a lot).
     Returns [(layer, head), ...], best first.
     """
     scores = torch.as_tensor(scores, dtype=torch.float64)
@@ -410,9 +420,12 @@ def select_heads(scores, k, order="asc"):
     bad = ~torch.isfinite(scores)
     if bad.any():
         raise ValueError(f"non-finite scores at (layer, head) {[tuple(i) for i in torch.nonzero(bad).tolist()]}")
-    flat = scores.flatten().tolist()
-    sign = 1.0 if order == "asc" else -1.0
-    ranked = sorted(range(L * H), key=lambda i: (sign * flat[i], i))  # the index breaks ties: (layer, head) asc
+    if order == "flat" and not ((scores > 0) & (scores <= 1)).all():
+        raise ValueError(f"order 'flat' ranks spectral shares p1 in (0, 1], got scores in [{scores.min().item():g}, "
+                         f"{scores.max().item():g}]: pass spectrum_scores(p, 'spectral')")
+    values = scores.flatten().tolist()
+    sign = -1.0 if order == "desc" else 1.0  # "flat": the lowest p1 first
+    ranked = sorted(range(L * H), key=lambda i: (sign * values[i], i))  # the index breaks ties: (layer, head) asc
     return [divmod(i, H) for i in ranked[:k]]
 
 

@@ -17,32 +17,29 @@ printed) and the largest log p difference.
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from nih import budget
 import eval_nih
-from eval_nih import HeadSetRunner, PromptBuilder, Selector, answer_and_decode, calibrate, identity, methods_for
-from model import Tokenizer
+from eval_nih import PromptBuilder, Selector, answer_and_decode, calibrate, methods_for
+from model import Config, Tokenizer, read_json
+from nih.models import load_model
+from nih.records import identity, model_id
+from nih.reuse import MODES, run_prompts
 from tools.setup_weights import ensure_weights
 
 
-def run_grid(model, tok, builder, prompts, methods, reuse, args, stop):
-    length = len(prompts[0][2].ids)
-    extra = args.max_new_tokens + 16
-    runner = HeadSetRunner(model, methods[1:], length, extra, args.chunk, reuse, args.device, args.seed)
-    sets = {m.head_set for m in methods}
-    out, t0 = {}, time.time()
-    if reuse == "prefix":
-        runner.prefix(builder.stream(prompts[0][2].needle_at), sets)
-    for d, t, p in prompts:
-        answer, ids = tok.encode(" " + p.value), torch.tensor([p.ids], device=args.device)
+def run_grid(model, tok, prompts, methods, reuse, args, stop):
+    def decode(p, head_set, cache, logits):
+        return answer_and_decode(model, head_set, cache, logits, tok.encode(" " + p.value),
+                                 torch.tensor([p.ids], device=args.device), args.max_new_tokens, stop, args.seed)
 
-        def decode(head_set, cache, logits):
-            return answer_and_decode(model, head_set, cache, logits, answer, ids, args.max_new_tokens, stop, args.seed)
-
-        outs = dict(runner.prompt(p.ids, p.needle_at if reuse == "prefix" else 0, sets, decode))
-        out.update({(d, t, m.name): outs[m.head_set] for m in methods})
+    t0 = time.time()
+    out = {(d, t, m.name): o for (d, t), m, o in
+           run_prompts(model, [((d, t), p, methods) for d, t, p in prompts], decode, extra=args.max_new_tokens + 16,
+                       chunk=args.chunk, reuse=reuse, device=args.device, seed=args.seed)}
     return out, time.time() - t0
 
 
@@ -59,24 +56,24 @@ def main():
     length = args.len[0]
     path = ensure_weights()  # the packaged default model
     tok = Tokenizer(path)
-    model, factor = eval_nih.load_model(path, length, eval_nih.check_inputs(args).max_pos, args)
+    model, factor = load_model(path, length, Config.from_hf(read_json(path / "config.json")).max_pos, args)
     builder = PromptBuilder(tok, eval_nih.FILLER, model.config.bos_token_id)
     stop = eval_nih.stop_tokens(tok, model.config)
-    out = eval_nih.PROJECT / "results" / "bench_reuse"
+    out = Path(__file__).resolve().parent.parent / "results" / "bench_reuse"
     out.mkdir(parents=True, exist_ok=True)
-    calib = calibrate(model, builder, length, 0, args, out, identity(args, eval_nih.model_id(path), eval_nih.FILLER,
+    calib = calibrate(model, builder, length, 0, args, out, identity(args, model_id(path), eval_nih.FILLER,
                                                                       factor))
     methods = methods_for(Selector(calib), args, model.config.n_layer, model.config.n_head, length, 0)
     prompts = sorted(eval_nih.setting_prompts(builder, length, 0, args), key=lambda x: -x[2].needle_at)
     print(f"{length} tokens, {len(prompts)} prompts x {len(methods)} methods "
           f"({', '.join(m.name for m in methods)}), {args.dtype} on {args.device}")
     modes = ["none"] + [r for r in a.reuse.split(",") if r != "none"]
-    if not set(modes) <= set(eval_nih.REUSE):
-        p.error(f"--reuse {a.reuse!r}: expected a comma-separated subset of {','.join(eval_nih.REUSE[::-1])}")
+    if not set(modes) <= set(MODES):
+        p.error(f"--reuse {a.reuse!r}: expected a comma-separated subset of {','.join(MODES[::-1])}")
     times, results = {r: [] for r in modes}, {}
     for _ in range(a.repeats):
         for reuse in times:
-            results[reuse], secs = run_grid(model, tok, builder, prompts, methods, reuse, args, stop)
+            results[reuse], secs = run_grid(model, tok, prompts, methods, reuse, args, stop)
             times[reuse].append(secs)
     ref = results["none"]
     print("| reuse | work (full prefills) | wall-clock s | vs none | answers equal | max abs log p diff |\n"

@@ -123,3 +123,19 @@ def available_memory(device) -> int:
     except OSError:
         pass
     return 1 << 62  # unknown: do not refuse
+
+
+def announce_work(model, missing, prompts, todo, length, extra, args, stored=(), seconds=None) -> float:
+    """Refuse what would not fit; print what is left to run and its cost (less the shared prefixes saved on disk,
+    `stored`; seconds: one full prefill's, for an ETA). prompts, todo: (depth, trial, prompt) of the setting and of
+    what is left to run. Returns the work in full prefills."""
+    if not todo:
+        return 0.0
+    check_memory(model, missing, length, extra, args)
+    work = plan_work(model.config, missing, todo, length, args.reuse, extra, args.layer_reuse, stored)
+    scratch = plan_work(model.config, missing, todo, length, "none", extra)
+    eta = f", ~{work * seconds / 3600:.1f} h at {seconds:.0f} s per full prefill (the calibration pass)" \
+        if seconds else ""
+    print(f"   {len(todo)} of {len(prompts)} prompts to run with {len(missing)} methods: about {work:.1f} full "
+          f"prefills with --reuse {args.reuse} ({scratch:.1f} from scratch){eta}")
+    return work

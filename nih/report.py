@@ -12,12 +12,11 @@ The mean of the log-probability differences is shown too, as a description only.
 
 import json
 import math
-import os
 import re
 import statistics
-import warnings
 from pathlib import Path
 
+from nih.records import load_done
 from nih.stats import (detectable_gain, detectable_shift, gain_power, holm, mean_interval, median_p, median_shift,
                        newcombe_p, newcombe_paired, paired_median, wilson)
 
@@ -25,50 +24,6 @@ RULES = ("Decision rules: an accuracy difference counts when Newcombe's paired 9
          "log-probability shift counts when the exact 95% interval of the median paired difference (the sign test's "
          "interval) excludes 0. Pooled, a prompt that settings share (they differ only in sink tokens) counts once: "
          "the mean of its settings' pairs.")
-
-
-# -----------------------------------------------------------------------------
-# Records: append-only JSONL, resumable across machines
-
-
-def load_done(results: Path) -> dict:
-    """cell -> record. A torn last line (an interrupted write: text after the last newline that is not a record) is
-    dropped with a warning naming the file and line; any other line that is not a record stops the run, naming the
-    file and line."""
-    done = {}
-    if not results.exists():
-        return done
-    lines = results.read_bytes().split(b"\n")
-    offset = 0
-    for i, raw in enumerate(lines):
-        torn = i == len(lines) - 1  # no newline after it: the write did not finish
-        if raw.strip():
-            try:
-                r = json.loads(raw)
-                if not isinstance(r, dict) or "cell" not in r:
-                    raise ValueError("not a record with a 'cell' field")
-                done[r["cell"]] = r
-                if torn:  # a whole record whose newline was lost: complete it
-                    with open(results, "ab") as f:
-                        f.write(b"\n")
-            except ValueError as e:
-                if not torn:
-                    raise SystemExit(f"error: {results}, line {i + 1}: not a JSON record ({e}); remove or fix that "
-                                     "line (every other line is a finished cell)") from None
-                warnings.warn(f"{results}, line {i + 1}: a torn last line (an interrupted write) was dropped; "
-                              "its cell runs again")
-                with open(results, "r+b") as f:
-                    f.truncate(offset)
-        offset += len(raw) + 1
-    return done
-
-
-def append_record(results: Path, rec: dict):
-    """One line per finished cell, flushed to disk: an interruption loses at most the cell being written."""
-    with results.open("ab") as f:
-        f.write((json.dumps(rec) + "\n").encode())
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from dope import DopePlan, apply_dope, remove_dope
-from eval_nih import prefill_from
+from nih.reuse import prefill_from
 from model import Config, Tokenizer, Transformer
 from tools.setup_weights import ensure_weights
 

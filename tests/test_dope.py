@@ -1,4 +1,5 @@
-"""dope.py: the three denoisings as table transformations, checked on a tiny random Llama (4 query / 2 KV heads)."""
+"""dope.py: the three denoisings as table transformations, checked on a tiny random Llama (4 query / 2 KV heads)
+and on a hand-written model that has only what the module docstring's contract names."""
 
 import math
 
@@ -7,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from dope import DopePlan, apply_dope, band_dims, by_all, by_parts, gaussian, low_freq_bands, remove_dope
-from eval_nih import prefill_from
+from nih.reuse import prefill_from
 from tiny import hf_tiny, ours
 
 T = 40
@@ -211,3 +212,89 @@ def test_by_parts_under_hf_dynamic_scaling_is_refused(tmp_path):
     remove_dope(m)
     apply_dope(m, DopePlan([(0, 1)], "all"))  # no bands involved
     remove_dope(m)
+
+
+# -----------------------------------------------------------------------------
+# The contract of the module docstring, on a model that has nothing else
+
+
+def rotate(x, cos, sin):
+    return x * cos + torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), -1) * sin
+
+
+class ContractAttention:
+    """Only what dope.py's contract names: n_head and a head_rope slot, called as the contract says."""
+
+    def __init__(self, n_head):
+        self.n_head, self.head_rope = n_head, None
+
+    def rope(self, q, k, cos, sin, pos):  # q (H, T, d), k (Hkv, T, d), cos/sin (T, d)
+        if self.head_rope is None:
+            return rotate(q, cos, sin), rotate(k, cos, sin)
+        cos, sin, add = self.head_rope(cos, sin, pos)  # (H, T, d) each
+        k = k.repeat_interleave(self.n_head // k.shape[0], 0)  # (H, T, d): a shared key once per query head
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        return (q, k) if add is None else (q + add[0], k + add[1])
+
+
+class ContractModel:
+    """layers[i].self_attn, and what by-parts reads: config.max_pos, config.rope_scaling, rope_inv_freq()."""
+
+    def __init__(self, n_layer=3, n_head=4, d=8, max_pos=16, by_parts=True):
+        self.layers = [type("Block", (), {"self_attn": ContractAttention(n_head)})() for _ in range(n_layer)]
+        if by_parts:
+            self.inv_freq = 1.0 / 10000.0 ** (torch.arange(0, d, 2).double() / d)  # (d/2,): 1, 0.1, 0.01, 0.001
+            self.config = type("Config", (), {"max_pos": max_pos, "rope_scaling": None})()
+            self.rope_inv_freq = lambda: self.inv_freq
+
+
+@pytest.mark.parametrize("variant", ["parts", "all", "gaussian"])
+def test_a_model_with_only_the_contract_gets_every_variant(variant):
+    """apply_dope on a model that is not model.py: the denoised layers get a head_rope, the others none; in those
+    layers the selected heads get the variant's tables (by-parts: no rotation on the bands below 2 pi / L_native,
+    here bands 1-3 of 4) and every other head plain RoPE; remove_dope restores plain RoPE everywhere."""
+    m, T, d = ContractModel(), 5, 8
+    pos = torch.arange(3, 3 + T)
+    freqs = pos[:, None].double() * m.inv_freq[None]  # (T, d/2)
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()  # (T, d)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, T, d, generator=g, dtype=torch.float64)  # (H, T, d)
+    k = torch.randn(2, T, d, generator=g, dtype=torch.float64)  # (Hkv, T, d)
+    plain = rotate(q, cos, sin), rotate(k.repeat_interleave(2, 0), cos, sin)
+    apply_dope(m, DopePlan([(1, 2), (2, 0)], variant))
+    assert [a.self_attn.head_rope is not None for a in m.layers] == [False, True, True]
+    dims = band_dims(low_freq_bands(m.inv_freq, 16))
+    assert dims.tolist() == [False, True, True, True] * 2
+    for layer, head in ((1, 2), (2, 0)):
+        got = m.layers[layer].self_attn.rope(q, k, cos, sin, pos)
+        for h in range(4):
+            for x, x_plain, x_in in zip(got, plain, (q, k.repeat_interleave(2, 0))):
+                if h != head:
+                    assert torch.equal(x[h], x_plain[h]), (layer, h)
+                elif variant == "parts":
+                    assert torch.allclose(x[h], rotate(x_in[h], *by_parts(cos, sin, dims)))
+                    assert torch.equal(x[h][:, dims], x_in[h][:, dims])  # the low bands keep q and k as they are
+                elif variant == "all":
+                    assert torch.equal(x[h], x_in[h])
+                else:
+                    assert not torch.allclose(x[h], x_plain[h])
+    remove_dope(m)
+    assert all(a.self_attn.head_rope is None for a in m.layers)
+    q_out, k_out = m.layers[1].self_attn.rope(q, k, cos, sin, pos)
+    assert torch.equal(q_out, plain[0]) and torch.equal(k_out, rotate(k, cos, sin))
+
+
+def test_only_by_parts_needs_the_config_and_the_frequencies():
+    """by-all and by-Gaussian read nothing but the layers; by-parts without config or rope_inv_freq fails naming
+    the missing attribute, and with inv_freq and native_len given it needs neither."""
+    m = ContractModel(by_parts=False)
+    for variant in ("all", "gaussian"):
+        apply_dope(m, DopePlan([(0, 1)], variant))
+        assert m.layers[0].self_attn.head_rope is not None
+    with pytest.raises(AttributeError, match="config"):
+        apply_dope(m, DopePlan([(0, 1)], "parts"))
+    m.config = type("Config", (), {"rope_scaling": None})()
+    inv_freq = torch.tensor([1.0, 0.1, 0.01, 0.001])
+    plan = DopePlan([(0, 1)], "parts", native_len=16)
+    apply_dope(m, plan, inv_freq=inv_freq)
+    assert plan.bands.tolist() == [False, True, True, True]

@@ -6,6 +6,7 @@ independent complex-number reference and against HF's apply_rotary_pos_emb.
 
 import math
 import os
+import re
 import sys
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -432,9 +433,23 @@ def test_score_model_chunked_prefill_gives_the_one_shot_grams(preprocess):
     assert mean_scores(scores).shape == (2, 4)
 
 
-def test_score_model_refuses_a_prompt_shorter_than_one_chunk():
-    with pytest.raises(ValueError, match=r"10 tokens is shorter than one chunk \(16\); score at the target length"):
-        score_model(FakeModel(), torch.zeros(1, 10, dtype=torch.long), chunk=16, progress=False)
+def test_score_model_runs_a_prompt_shorter_than_its_chunk_as_one_chunk():
+    """A prompt shorter than the chunk gives the Grams of the same prompt scored in one chunk of its own length."""
+    tokens = torch.randint(0, 50, (1, 10), generator=torch.Generator().manual_seed(3))
+    short = score_model(FakeModel(), tokens, chunk=2048, progress=False)
+    exact = score_model(FakeModel(), tokens, chunk=10, progress=False)
+    assert all(torch.equal(short[c], exact[c]) for c in CRITERIA)
+
+
+@pytest.mark.parametrize("chunk, message", [(0, "chunk=0"), (-4, "chunk=-4"), (2.5, "chunk=2.5"), (True, "chunk=True")])
+def test_score_model_refuses_a_chunk_that_is_not_a_positive_int(chunk, message):
+    with pytest.raises(ValueError, match=f"chunk must be an int >= 1.*{re.escape(message)}"):
+        score_model(FakeModel(), torch.zeros(1, 10, dtype=torch.long), chunk=chunk, progress=False)
+
+
+def test_score_model_refuses_an_empty_prompt():
+    with pytest.raises(ValueError, match=r"calibration prompt is empty \(0 tokens\)"):
+        score_model(FakeModel(), torch.zeros(1, 0, dtype=torch.long), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -471,6 +486,45 @@ def test_select_heads_takes_the_k_extreme_scores(seed, L, H, data):
             assert max(sign * scores[c].item() for c in chosen) <= min(sign * scores[c].item() for c in rest)
 
 
+@FAST
+@given(seed=seeds, L=st.integers(1, 5), H=st.integers(1, 5), d=st.sampled_from([4, 64]), data=st.data())
+def test_flat_removes_the_k_heads_of_lowest_spectral_share(seed, L, H, d, data):
+    """flat, the high-rank reading: no chosen head has a larger p1 than an unchosen one, whatever spectra the heads
+    have (spikes, flat spectra, and the ties of GQA key scores)."""
+    k = data.draw(st.integers(1, L * H))
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(L, H, d, generator=g, dtype=torch.float64) ** torch.randint(1, 12, (L, H, 1), generator=g)
+    p = p.sort(-1, descending=True).values
+    p = p / p.sum(-1, keepdim=True)  # (L, H, d): normalised spectra, descending
+    p[0] = p[-1]  # a repeated layer: tied scores
+    p1 = entropy.spectrum_scores(p, "spectral")  # (L, H)
+    chosen = select_heads(p1, k, "flat")
+    rest = [(l, h) for l in range(L) for h in range(H) if (l, h) not in chosen]
+    assert len(set(chosen)) == k
+    if rest:
+        assert max(p1[c].item() for c in chosen) <= min(p1[c].item() for c in rest)
+
+
+@FAST
+@given(p1=st.lists(st.integers(370, 1000), min_size=2, max_size=12, unique=True), data=st.data())
+def test_in_spike_regime_flat_and_asc_on_h1_are_the_two_ends_of_one_ranking(p1, data):
+    """Where every head has p1 >= 1/e, H^1 = -p1 ln p1 falls as p1 grows, so asc on H^1 removes the spikiest heads
+    (p1 desc) and flat removes the other end, the k heads of highest H^1: the two readings never share a head while
+    2k <= the number of heads."""
+    p1 = torch.tensor(p1, dtype=torch.float64)[None] / 1000  # (1, H), distinct, all >= 0.37 > 1/e
+    k = data.draw(st.integers(1, p1.shape[1] // 2))
+    h1 = entropy.spectrum_scores(torch.stack((p1, 1 - p1), -1), "trunc", 1)  # (1, H): only p1 enters H^1
+    assert select_heads(p1, k, "flat") == select_heads(h1, k, "desc")
+    assert select_heads(h1, k, "asc") == select_heads(p1, k, "desc")
+    assert not set(select_heads(p1, k, "flat")) & set(select_heads(h1, k, "asc"))
+
+
+def test_flat_refuses_scores_that_are_not_spectral_shares():
+    with pytest.raises(ValueError, match=r"'flat' ranks spectral shares p1 in \(0, 1\], got scores in \[-0.5, 2\]"):
+        select_heads(torch.tensor([[-0.5, 2.0]]), 1, "flat")
+    assert select_heads(torch.tensor([[0.5, 0.2, 1.0]]), 2, "flat") == [(0, 1), (0, 0)]
+
+
 @pytest.mark.parametrize("k", [0, -1, 7, 2.0, True])
 def test_select_heads_rejects_k_outside_1_to_all_heads(k):
     with pytest.raises(ValueError, match=r"\[1, 6\].*2 layers x 3 heads"):
@@ -479,7 +533,7 @@ def test_select_heads_rejects_k_outside_1_to_all_heads(k):
 
 def test_select_heads_rejects_nan_or_inf_scores_and_unknown_order():
     scores = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="asc, desc"):
+    with pytest.raises(ValueError, match="asc, desc, flat"):
         select_heads(scores, 1, "ascending")
     scores[1, 2] = float("nan")
     scores[0, 1] = float("inf")

@@ -1,19 +1,15 @@
-"""eval_nih.py: lengths, token-exact prompts, scoring, resume, and a short end-to-end run on the real default model."""
+"""eval_nih.py: lengths, token-exact prompts, scoring, methods, and short end-to-end runs on the real default model
+(records, resume, keys)."""
 
 import argparse
 import json
-import re
-import time
-from pathlib import Path
 
 import pytest
 
-from nih import budget
 import eval_nih
 from eval_nih import Method, PromptBuilder, answer_logprob, control_heads, parse_args, run, score
-from model import parse_len
-from tools.setup_weights import DEFAULT_MODEL_DIR
-from model import Tokenizer
+from model import Tokenizer, parse_len
+from nih import budget, records
 from tools.setup_weights import ensure_weights
 
 
@@ -28,34 +24,6 @@ def test_parse_len():
     for bad in ("abc", "4m", "-1", "100", "k", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_len(bad)
-
-
-def test_bad_arguments_are_clear_errors(capsys):
-    with pytest.raises(SystemExit):
-        parse_args(["--variant", "none,bogus"])
-    assert "unknown variant" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parse_args(["--len", "12x"])
-    assert "not a token count" in capsys.readouterr().err
-    a = parse_args(["--variant", "gaussian,none,all"])
-    assert a.variant == ["none", "gaussian", "all"]  # the baseline always runs first
-    assert a.device == "cpu" and a.dtype == "float32"  # no GPU here: the CPU reference
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--ntk", "nan"], "finite number > 1"), (["--ntk", "inf"], "finite number > 1"),
-    (["--ntk", "-1"], "finite number > 1"), (["--ntk", "0"], "finite number > 1"),
-    (["--ntk", "bogus"], "--ntk 'bogus'"), (["--order", "up"], "--order up"),
-    (["--variant", "parts", "--order", "all:asc"], "VARIANT:ORDER"),
-    (["--needle", "{key} {x} {value}"], "unknown field"), (["--question", "What number?"], "must contain"),
-    (["--needle", "no value {key}"], "must contain"), (["--device", "cuda"], "no CUDA device"),
-    (["--device", "potato"], "not a torch device"), (["--random-sets", "-1"], "--random-sets"),
-    (["--device-map", "auto"], "goes with --engine transformers"),
-])
-def test_bad_flags_are_refused_before_any_model_work(capsys, argv, message):
-    with pytest.raises(SystemExit) as e:
-        parse_args(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def find(seq, sub):
@@ -150,160 +118,6 @@ def test_every_prompt_of_a_setting_is_a_slice_of_one_stream(tok, noisy):
     for _, _, p in prompts:
         assert len(p.ids) == 2000 and p.ids[:p.needle_at] == stream[:p.needle_at]
     assert b.stream(500) == stream[:500]
-
-
-def run_grid(model, tok, prompts, methods, reuse, chunk=0, max_new=8, store=None, stream_at=None):
-    """Every method on every prompt through HeadSetRunner, as run_setting drives it; {(depth, method): output}.
-    store: a PrefixStore for the shared prefix; stream_at: its length (default: the deepest needle)."""
-    import torch
-
-    length = len(prompts[0][2].ids)
-    runner = eval_nih.HeadSetRunner(model, methods[1:], length, max_new + 16, chunk, reuse, "cpu", 42)
-    prompts = sorted(prompts, key=lambda x: -x[2].needle_at)
-    sets = {m.head_set for m in methods}
-    if reuse == "prefix":
-        b = PromptBuilder(tok, sink_id=model.config.bos_token_id)
-        runner.prefix(b.stream(stream_at or prompts[0][2].needle_at), sets, store)
-    out = {}
-    for d, t, p in prompts:
-        answer, ids = tok.encode(" " + p.value), torch.tensor([p.ids])
-
-        def decode(head_set, cache, logits):
-            return eval_nih.answer_and_decode(model, head_set, cache, logits, answer, ids, max_new, {tok.eos_id}, 42)
-
-        outs = dict(runner.prompt(p.ids, p.needle_at if reuse == "prefix" else 0, sets, decode))
-        out.update({(d, t, m.name): outs[m.head_set] for m in methods})
-    return out
-
-
-GRID_METHODS = [Method("none", "none", "baseline"), Method("parts/asc", "parts", "rule", heads=[(10, 3), (21, 1)]),
-                Method("gaussian/asc", "gaussian", "rule", heads=[(3, 2), (29, 8)]),
-                Method("all/random0", "all", "random", heads=[(0, 4), (17, 2)]),
-                Method("twin", "all", "sweep", heads=[(0, 4), (17, 2)])]
-
-
-@pytest.mark.parametrize("noisy, reuse, chunk", [(0, "prefix", 0), (2, "prefix", 0), (0, "prefix", 128),
-                                                 (2, "layers", 0)])
-def test_shared_prefix_and_layer_reuse_equal_a_full_recomputation(tok, smol, noisy, reuse, chunk):
-    """Each head set prefilling the shared haystack once (and starting at its first denoised layer) gives every
-    method the answer that a full recomputation of each prompt gives, and the answer's log-probability to 1e-5
-    (float32; the matmul shapes differ, so not bit for bit), at depths 0%, 50% and 100%, original and noisy, in one
-    pass or in chunks. Identical head sets run once."""
-    b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
-    prompts = eval_nih.setting_prompts(b, 500, noisy, parse_args(["--depths", "3", "--trials", "1"]))
-    full = full_grid(smol, tok, noisy)
-    got = run_grid(smol, tok, prompts, GRID_METHODS, reuse, chunk, max_new=6)
-    for cell, o in full.items():
-        assert got[cell]["new"] == o["new"], cell
-        assert got[cell]["logprob"] == pytest.approx(o["logprob"], abs=1e-5), cell
-    assert len({round(o["logprob"], 4) for (d, _, n), o in full.items() if d == 0.5}) == 4  # the methods differ
-    assert all(full[d, 0, "twin"] == full[d, 0, "all/random0"] for d in (0.0, 0.5, 1.0))
-
-
-_FULL = {}
-
-
-def full_grid(smol, tok, noisy):
-    """The reference: every prompt recomputed from scratch by every method (computed once per noise setting)."""
-    if noisy not in _FULL:
-        b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
-        prompts = eval_nih.setting_prompts(b, 500, noisy, parse_args(["--depths", "3", "--trials", "1"]))
-        _FULL[noisy] = run_grid(smol, tok, prompts, GRID_METHODS, "none", max_new=6)
-    return _FULL[noisy]
-
-
-def test_a_saved_shared_prefix_resumes_bit_for_bit(tok, smol, tmp_path, monkeypatch):
-    """PrefixStore: each head set's prefix saved while the first run computes it is loaded by the next run with no
-    forward at all, and every answer and log-probability is the first run's to the last bit, also when the saved
-    prefix is longer than the rerun needs (its deepest needles already answered); a missing file costs only its
-    head set (the baseline's saved hidden states start it); a torn file is named in a warning and recomputed; the
-    folder ignores itself in git and is gone once cleared; a disk that refuses the file costs a warning, not the run."""
-    import torch
-
-    b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
-    prompts = eval_nih.setting_prompts(b, 500, 2, parse_args(["--depths", "3", "--trials", "1"]))
-    ident, methods = {"run": "test"}, [GRID_METHODS[0], GRID_METHODS[1], GRID_METHODS[3]]  # first layers 0, 10, 0
-    store = eval_nih.PrefixStore(tmp_path / "kv", 500, 2, ident)
-    first = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
-    files = sorted((tmp_path / "kv").glob("prefix_500_noisy2_*.kv"))
-    assert len(files) == 3  # baseline, parts/asc, all/random0
-    assert (tmp_path / "kv" / ".gitignore").read_text().splitlines()[-1] == "*"
-
-    forwards = []
-    real = eval_nih.HeadSetRunner._prefill
-    monkeypatch.setattr(eval_nih.HeadSetRunner, "_prefill", lambda self, hs, ids, cache, *a, **k:
-                        forwards.append((hs, cache.pos)) or real(self, hs, ids, cache, *a, **k))
-    again = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
-    deepest = max(p.needle_at for _, _, p in prompts)
-    assert forwards and not [hs for hs, pos in forwards if pos == 0]  # tails only: no prefix was prefilled
-    assert again == first  # the same tensors in: the same bits out
-
-    shallower = [x for x in prompts if x[2].needle_at < deepest]  # the deepest prompt answered, the rest to run
-    again = bits(run_grid(smol, tok, shallower, methods, "prefix", max_new=6, store=store))
-    assert again == {c: o for c, o in first.items() if c[0] != 1.0}
-
-    parts = store.path(methods[1].head_set, 10)
-    parts.unlink()
-    forwards.clear()
-    again = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
-    assert [hs for hs, pos in forwards if pos == 0] == [methods[1].head_set]
-    assert again == first and parts.exists()
-
-    for damaged in (store.path(("none", ()), 0), parts):  # parts': the baseline was loaded without its taps
-        damaged.write_bytes(damaged.read_bytes()[:-100])
-        with pytest.warns(UserWarning, match=f"{damaged.name} is damaged"):
-            again = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
-        assert again == first
-    (tmp_path / "a-file").write_text("")
-    blocked = eval_nih.PrefixStore(tmp_path / "a-file" / "kv", 500, 2, ident)  # a disk that refuses: warned, not fatal
-    cache = smol.new_cache(1, 8)
-    smol.prefill(torch.tensor([[1, 2, 3]]), cache)
-    with pytest.warns(UserWarning, match="cannot save the shared prefix"):
-        blocked.save(("none", ()), 0, cache, [1, 2, 3])
-    assert not blocked.saving
-    other = eval_nih.PrefixStore(tmp_path / "kv", 500, 0, ident)  # another setting: other files, untouched
-    assert not other.has(("none", ()), 0)
-    store.clear()
-    assert not (tmp_path / "kv").exists()
-
-
-def bits(outs):
-    """What a record keeps of an output: the answer's tokens and its log-probability (not the timings)."""
-    return {cell: (o["new"], o["logprob"]) for cell, o in outs.items()}
-
-
-def test_the_runner_refuses_a_prompt_past_the_cached_prefix(tok, smol):
-    b = PromptBuilder(tok)
-    prompts = eval_nih.setting_prompts(b, 400, 0, parse_args(["--depths", "2"]))
-    runner = eval_nih.HeadSetRunner(smol, [], 400, 20, 0, "prefix", "cpu", 42)
-    shallow, deep = sorted((p for _, _, p in prompts), key=lambda p: p.needle_at)
-    runner.prefix(b.stream(deep.needle_at), {("none", ())})
-    list(runner.prompt(shallow.ids, shallow.needle_at, {("none", ())}, lambda *a: {}))
-    with pytest.raises(RuntimeError, match="deepest needle first"):
-        runner.prompt(deep.ids, deep.needle_at, {("none", ())}, lambda *a: {})
-
-
-def test_prefill_seconds_leave_out_the_decoding(tok, smol):
-    """A record's prefill_seconds time the tail's prefill alone; the decoding has its own decode_seconds (records
-    written before this was fixed counted the decoding in both)."""
-    b = PromptBuilder(tok)
-    prompts = eval_nih.setting_prompts(b, 300, 0, parse_args(["--depths", "1"]))
-    p = prompts[0][2]
-    sets = {("none", ()), ("parts", ((3, 1),))}
-    runner = eval_nih.HeadSetRunner(smol, [Method("parts/asc", "parts", "rule", heads=[(3, 1)])], 300, 20, 0,
-                                    "prefix", "cpu", 42)
-    runner.prefix(b.stream(p.needle_at), sets)
-
-    def slow_decode(head_set, cache, logits):
-        time.sleep(1.0)
-        return {"decode_seconds": 1.0}
-
-    t0 = time.time()
-    outs = dict(runner.prompt(p.ids, p.needle_at, sets, slow_decode))
-    wall = time.time() - t0
-    assert set(outs) == sets and all(o["prefill_seconds"] > 0 for o in outs.values())
-    # the two prefills and the two 1-s decodings ran one after the other inside `wall`: counted once each, they fit
-    assert sum(o["prefill_seconds"] for o in outs.values()) + 2 * 1.0 <= wall + 0.01, (outs, wall)
 
 
 class FakeSelector:
@@ -471,8 +285,8 @@ def test_an_interrupted_run_resumes_its_shared_prefix_from_disk(tmp_path, monkey
     assert [(r["cell"], r["answer"], r["logprob"]) for r in rows] == \
         [(r["cell"], r["answer"], r["logprob"]) for r in whole]
     assert not (tmp_path / "cut" / "prefix-cache").exists()
-    real_write, paths = eval_nih.write_atomic, []
-    monkeypatch.setattr(eval_nih, "write_atomic", lambda path, w: paths.append(path) or real_write(path, w))
+    real_write, paths = records.write_atomic, []
+    monkeypatch.setattr(records, "write_atomic", lambda path, w: paths.append(path) or real_write(path, w))
     run(parse_args(short_argv(tmp_path / "none", "--prefix-cache", "none", "--depths", "1")))
     assert paths and not [p for p in paths if p.suffix == ".kv"] and not (tmp_path / "none" / "prefix-cache").exists()
 
@@ -499,80 +313,12 @@ def test_calibration_and_records_are_keyed_on_what_they_depend_on(tmp_path, monk
     (tmp_path / "results.jsonl").unlink()
     with pytest.warns(UserWarning, match=f"{calib[0].name} is damaged"):
         run(parse_args(short_argv(tmp_path, "--depths", "1")))
-    assert eval_nih.model_id(model) == eval_nih.model_id(model)
+    assert records.model_id(model) == records.model_id(model)
     copy = tmp_path / "model"
     copy.mkdir()
     (copy / "config.json").write_text((model / "config.json").read_text())
     (copy / "model.safetensors").write_bytes(b"not the same weights")
-    assert eval_nih.model_id(copy) != eval_nih.model_id(model)
-
-
-# -----------------------------------------------------------------------------
-# Bad input on the command line: a clear message naming the flag or file, exit code 2, nothing left behind
-
-
-def _bad_inputs(tmp_path):
-    model = str(ensure_weights("smollm2"))
-    broken = tmp_path / "broken-model"
-    broken.mkdir()
-    (broken / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "vocab_si')
-    binary = tmp_path / "hay.bin"
-    binary.write_bytes(bytes(range(256)) * 4)
-    a_file = tmp_path / "a-file"
-    a_file.write_text("x")
-    garbage = tmp_path / "garbage"
-    garbage.mkdir()
-    (garbage / "results.jsonl").write_text('{"cell": "1"}\nnot json\n{"cell": "2"}\n')
-    m = ["--model", model, "--len", "600"]
-    return [  # argv, exit code, message
-        (m + ["--ntk=nan"], 2, "--ntk 'nan'"), (m + ["--ntk", "inf"], 2, "--ntk 'inf'"),
-        (m + ["--ntk", "-1"], 2, "finite number > 1"), (m + ["--ntk", "0"], 2, "finite number > 1"),
-        (m + ["--ntk", "bogus"], 2, "--ntk 'bogus'"),
-        (m + ["--k", "0"], 2, r"--k 0: must be between 1 and 270 \(30 layers x 9 heads\)"),
-        (m + ["--k", "10000"], 2, "--k 10000: must be between 1 and 270"),
-        (m + ["--r", "0"], 2, r"--r 0: must be between 1 and 64 \(head width d = 64\)"),
-        (m + ["--r", "100"], 2, "--r 100: must be between 1 and 64"),
-        (m + ["--sweep", "--sweep-r", "1,65"], 2, "--sweep-r 65"),
-        (m + ["--needle", "{key} is {x}: {value}"], 2, r"unknown field\(s\) \['x'\]"),
-        (m + ["--question", "Which number?"], 2, r"question template .* must contain \{key\}"),
-        (["--model", str(broken)], 2, "config.json is not a usable model config"),
-        (["--model", str(tmp_path / "nowhere")], 2, "no config.json there"),
-        (m + ["--haystack-file", str(binary)], 2, "hay.bin is not UTF-8 text"),
-        (m + ["--haystack-file", str(tmp_path / "missing.txt")], 2, "missing.txt: no such file"),
-        (m + ["--haystack-file", str(tmp_path)], 2, "is a folder, not a text file"),
-        (m + ["--variant", "none,bogus"], 2, "unknown variant"), (m + ["--len", "12x"], 2, "not a token count"),
-        (m + ["--depths", "0"], 2, "--depths"), (m + ["--device", "cuda"], 2, "no CUDA device"),
-        (m + ["--out", str(a_file)], 2, "a-file is a file, not a folder"),
-        (m + ["--prefix-cache", str(a_file)], 2, "--prefix-cache .*a-file is a file, not a folder"),
-        (["--summarize", str(garbage)], "error", r"garbage/results.jsonl, line 2: not a JSON record"),
-        (m + ["--earlier", str(binary)], 2, "--earlier only adds to a --summarize"),
-        (["--summarize", str(garbage.parent), "--earlier", str(tmp_path / "no.md")], 2, "no.md: no such file"),
-    ]
-
-
-def test_bad_command_lines_are_clear_early_errors_and_leave_nothing_behind(tmp_path, capsys):
-    for argv, code, message in _bad_inputs(tmp_path):
-        out = tmp_path / "out"
-        argv = argv + (["--out", str(out)] if "--out" not in argv else [])
-        with pytest.raises(SystemExit) as e:
-            eval_nih.main(argv)
-        text = capsys.readouterr().err + str(e.value.code)
-        assert (e.value.code == code) if code == 2 else str(e.value.code).startswith(code), (argv, e.value.code)
-        assert re.search(message, text), (argv, text)
-        assert not out.exists(), argv  # no empty --out folder left behind
-
-
-def test_an_unwritable_out_folder_is_refused_before_model_work(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(eval_nih.os, "access", lambda path, mode: False)  # root writes anywhere: simulate it
-    with pytest.raises(SystemExit) as e:
-        eval_nih.main(["--model", str(ensure_weights("smollm2")), "--out", str(tmp_path / "ro" / "out")])
-    assert e.value.code == 2 and "is not writable" in capsys.readouterr().err
-
-
-def test_the_default_model_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    a = parse_args([])
-    assert Path(a.model).is_absolute() and Path(a.model) == DEFAULT_MODEL_DIR
+    assert records.model_id(copy) != records.model_id(model)
 
 
 def test_the_two_readings_pick_opposite_ends_of_the_spectral_share():
@@ -589,6 +335,8 @@ def test_the_two_readings_pick_opposite_ends_of_the_spectral_share():
     heads = {m.name: m.heads for m in eval_nih.methods_for(sel, args, 1, 5, 4096, 0)}
     assert heads == {"none": [], "parts/asc": [(0, 0)], "parts/desc": [(0, 2)], "parts/flat": [(0, 4)]}
     assert sel.heads(rule) == [(0, 0)]
+    flat = dict(rule, order="flat")  # recorded as what it ranks: p1, lowest first
+    assert sel.heads(flat) == sel.heads(eval_nih.as_recorded(flat)) == [(0, 4)]
 
 
 def test_the_experiment_through_transformers_gives_the_same_answers(tmp_path):

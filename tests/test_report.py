@@ -1,4 +1,4 @@
-"""report.py: tables, the two decision rules, verdicts, pooling over settings, pictures; records on disk."""
+"""report.py: tables, the two decision rules, verdicts, pooling over settings, pictures."""
 
 import json
 from pathlib import Path
@@ -87,25 +87,6 @@ def test_summarize_dirs_pools_settings_as_pairs_and_plots_the_multiple(tmp_path)
         assert (tmp_path / "sum" / name).stat().st_size > 0
     with pytest.raises(SystemExit, match="does not exist"):
         report.summarize_dirs([str(tmp_path / "nowhere")], tmp_path / "sum")
-
-
-def test_records_torn_last_line_is_dropped_and_garbage_is_named(tmp_path):
-    f = tmp_path / "results.jsonl"
-    good = [json.dumps({"cell": str(i), "x": i}) for i in range(3)]
-    f.write_text("\n".join(good) + "\n" + good[0][:9])
-    with pytest.warns(UserWarning, match=r"results.jsonl, line 4: a torn last line"):
-        assert list(report.load_done(f)) == ["0", "1", "2"]
-    assert f.read_text() == "\n".join(good) + "\n"  # truncated back to the last whole record
-    report.append_record(f, {"cell": "3"})
-    assert list(report.load_done(f)) == ["0", "1", "2", "3"]
-    f.write_text(good[0] + "\n[1, 2]\n" + good[1] + "\n")
-    with pytest.raises(SystemExit, match=r"line 2: not a JSON record"):
-        report.load_done(f)
-    f.write_bytes(b"\xff\xfe garbage\n")  # a finished line that is not a record: not a torn write
-    with pytest.raises(SystemExit, match=r"line 1: not a JSON record"):
-        report.load_done(f)
-    f.write_text(good[0] + "\n" + good[1])  # a whole record whose newline was lost
-    assert list(report.load_done(f)) == ["0", "1"] and f.read_text().endswith("\n")
 
 
 def test_earlier_summary_read_back_as_counts_pools_to_its_own_pooled_row():

@@ -1,0 +1,178 @@
+"""nih/reuse.py: the shared prefix, layer reuse and saved prefixes give every method the answers of a full
+recomputation, on the real default model."""
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import eval_nih
+from eval_nih import Method, PromptBuilder, parse_args
+from model import Tokenizer, Transformer
+from nih.reuse import HeadSetRunner, PrefixStore, run_prompts
+from tools.setup_weights import ensure_weights
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(ensure_weights("smollm2"))
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return Transformer.from_pretrained(ensure_weights("smollm2"), dtype=torch.float32)
+
+
+def run_grid(model, tok, prompts, methods, reuse, chunk=0, max_new=8, store=None):
+    """Every method on every prompt through run_prompts, as eval_nih.run_setting calls it; {(depth, trial, method):
+    output}. store: a PrefixStore for the shared prefix."""
+    prompts = sorted(prompts, key=lambda x: -x[2].needle_at)
+
+    def decode(p, head_set, cache, logits):
+        return eval_nih.answer_and_decode(model, head_set, cache, logits, tok.encode(" " + p.value),
+                                          torch.tensor([p.ids]), max_new, {tok.eos_id}, 42)
+
+    todo = [((d, t), p, methods) for d, t, p in prompts]
+    return {(d, t, m.name): o for (d, t), m, o in run_prompts(model, todo, decode, extra=max_new + 16, chunk=chunk,
+                                                                reuse=reuse, store=store)}
+
+
+GRID_METHODS = [Method("none", "none", "baseline"), Method("parts/asc", "parts", "rule", heads=[(10, 3), (21, 1)]),
+                Method("gaussian/asc", "gaussian", "rule", heads=[(3, 2), (29, 8)]),
+                Method("all/random0", "all", "random", heads=[(0, 4), (17, 2)]),
+                Method("twin", "all", "sweep", heads=[(0, 4), (17, 2)])]
+
+
+@pytest.mark.parametrize("noisy, reuse, chunk", [(0, "prefix", 0), (2, "prefix", 0), (0, "prefix", 128),
+                                                 (2, "layers", 0)])
+def test_shared_prefix_and_layer_reuse_equal_a_full_recomputation(tok, smol, noisy, reuse, chunk):
+    """Each head set prefilling the shared haystack once (and starting at its first denoised layer) gives every
+    method the answer that a full recomputation of each prompt gives, and the answer's log-probability to 1e-5
+    (float32; the matmul shapes differ, so not bit for bit), at depths 0%, 50% and 100%, original and noisy, in one
+    pass or in chunks. Identical head sets run once."""
+    b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
+    prompts = eval_nih.setting_prompts(b, 500, noisy, parse_args(["--depths", "3", "--trials", "1"]))
+    full = full_grid(smol, tok, noisy)
+    got = run_grid(smol, tok, prompts, GRID_METHODS, reuse, chunk, max_new=6)
+    for cell, o in full.items():
+        assert got[cell]["new"] == o["new"], cell
+        assert got[cell]["logprob"] == pytest.approx(o["logprob"], abs=1e-5), cell
+    assert len({round(o["logprob"], 4) for (d, _, n), o in full.items() if d == 0.5}) == 4  # the methods differ
+    assert all(full[d, 0, "twin"] == full[d, 0, "all/random0"] for d in (0.0, 0.5, 1.0))
+
+
+_FULL = {}
+
+
+def full_grid(smol, tok, noisy):
+    """The reference: every prompt recomputed from scratch by every method (computed once per noise setting)."""
+    if noisy not in _FULL:
+        b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
+        prompts = eval_nih.setting_prompts(b, 500, noisy, parse_args(["--depths", "3", "--trials", "1"]))
+        _FULL[noisy] = run_grid(smol, tok, prompts, GRID_METHODS, "none", max_new=6)
+    return _FULL[noisy]
+
+
+def test_a_saved_shared_prefix_resumes_bit_for_bit(tok, smol, tmp_path, monkeypatch):
+    """PrefixStore: each head set's prefix saved while the first run computes it is loaded by the next run with no
+    forward at all, and every answer and log-probability is the first run's to the last bit, also when the saved
+    prefix is longer than the rerun needs (its deepest needles already answered); a missing file costs only its
+    head set (the baseline's saved hidden states start it); a torn file is named in a warning and recomputed; the
+    folder ignores itself in git and is gone once cleared; a disk that refuses the file costs a warning, not the run."""
+    b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
+    prompts = eval_nih.setting_prompts(b, 500, 2, parse_args(["--depths", "3", "--trials", "1"]))
+    ident, methods = {"run": "test"}, [GRID_METHODS[0], GRID_METHODS[1], GRID_METHODS[3]]  # first layers 0, 10, 0
+    store = PrefixStore(tmp_path / "kv", 500, 2, ident)
+    first = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
+    files = sorted((tmp_path / "kv").glob("prefix_500_noisy2_*.kv"))
+    assert len(files) == 3  # baseline, parts/asc, all/random0
+    assert (tmp_path / "kv" / ".gitignore").read_text().splitlines()[-1] == "*"
+
+    forwards = []
+    real = HeadSetRunner._prefill
+    monkeypatch.setattr(HeadSetRunner, "_prefill", lambda self, hs, ids, cache, *a, **k:
+                        forwards.append((hs, cache.pos)) or real(self, hs, ids, cache, *a, **k))
+    again = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
+    deepest = max(p.needle_at for _, _, p in prompts)
+    assert forwards and not [hs for hs, pos in forwards if pos == 0]  # tails only: no prefix was prefilled
+    assert again == first  # the same tensors in: the same bits out
+
+    shallower = [x for x in prompts if x[2].needle_at < deepest]  # the deepest prompt answered, the rest to run
+    again = bits(run_grid(smol, tok, shallower, methods, "prefix", max_new=6, store=store))
+    assert again == {c: o for c, o in first.items() if c[0] != 1.0}
+
+    parts = store.path(methods[1].head_set, 10)
+    parts.unlink()
+    forwards.clear()
+    again = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
+    assert [hs for hs, pos in forwards if pos == 0] == [methods[1].head_set]
+    assert again == first and parts.exists()
+
+    for damaged in (store.path(("none", ()), 0), parts):  # parts': the baseline was loaded without its taps
+        damaged.write_bytes(damaged.read_bytes()[:-100])
+        with pytest.warns(UserWarning, match=f"{damaged.name} is damaged"):
+            again = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
+        assert again == first
+    (tmp_path / "a-file").write_text("")
+    blocked = PrefixStore(tmp_path / "a-file" / "kv", 500, 2, ident)  # a disk that refuses: warned, not fatal
+    cache = smol.new_cache(1, 8)
+    smol.prefill(torch.tensor([[1, 2, 3]]), cache)
+    with pytest.warns(UserWarning, match="cannot save the shared prefix"):
+        blocked.save(("none", ()), 0, cache, [1, 2, 3])
+    assert not blocked.saving
+    other = PrefixStore(tmp_path / "kv", 500, 0, ident)  # another setting: other files, untouched
+    assert not other.has(("none", ()), 0)
+    store.clear()
+    assert not (tmp_path / "kv").exists()
+
+
+def bits(outs):
+    """What a record keeps of an output: the answer's tokens and its log-probability (not the timings)."""
+    return {cell: (o["new"], o["logprob"]) for cell, o in outs.items()}
+
+
+def test_the_runner_refuses_a_prompt_past_the_cached_prefix(tok, smol):
+    b = PromptBuilder(tok)
+    prompts = eval_nih.setting_prompts(b, 400, 0, parse_args(["--depths", "2"]))
+    runner = HeadSetRunner(smol, [], 400, 20, 0, "prefix", "cpu", 42)
+    shallow, deep = sorted((p for _, _, p in prompts), key=lambda p: p.needle_at)
+    runner.prefix(b.stream(deep.needle_at), {("none", ())})
+    list(runner.prompt(shallow.ids, shallow.needle_at, {("none", ())}, lambda *a: {}))
+    with pytest.raises(RuntimeError, match="deepest needle first"):
+        runner.prompt(deep.ids, deep.needle_at, {("none", ())}, lambda *a: {})
+
+
+def test_prompts_that_do_not_share_the_stream_or_an_unknown_mode_are_refused(smol):
+    """run_prompts checks what the shared prefix stands on before any forward: every prompt's tokens before its
+    needle are the deepest prompt's."""
+    deep, other = SimpleNamespace(ids=[1, 2, 3, 4, 5, 6], needle_at=4), SimpleNamespace(ids=[1, 9, 3, 4, 5, 6],
+                                                                                       needle_at=2)
+    base = [Method("none", "none", "baseline")]
+    with pytest.raises(ValueError, match="prompt b: its tokens before the needle are not the shared stream's"):
+        list(run_prompts(smol, [("a", deep, base), ("b", other, base)], None, extra=4))
+    with pytest.raises(ValueError, match="reuse='both'"):
+        list(run_prompts(smol, [("a", deep, base)], None, extra=4, reuse="both"))
+
+
+def test_prefill_seconds_leave_out_the_decoding(tok, smol):
+    """A record's prefill_seconds time the tail's prefill alone; the decoding has its own decode_seconds (records
+    written before this was fixed counted the decoding in both)."""
+    b = PromptBuilder(tok)
+    prompts = eval_nih.setting_prompts(b, 300, 0, parse_args(["--depths", "1"]))
+    p = prompts[0][2]
+    sets = {("none", ()), ("parts", ((3, 1),))}
+    runner = HeadSetRunner(smol, [Method("parts/asc", "parts", "rule", heads=[(3, 1)])], 300, 20, 0, "prefix", "cpu",
+                           42)
+    runner.prefix(b.stream(p.needle_at), sets)
+
+    def slow_decode(head_set, cache, logits):
+        time.sleep(1.0)
+        return {"decode_seconds": 1.0}
+
+    t0 = time.time()
+    outs = dict(runner.prompt(p.ids, p.needle_at, sets, slow_decode))
+    wall = time.time() - t0
+    assert set(outs) == sets and all(o["prefill_seconds"] > 0 for o in outs.values())
+    # the two prefills and the two 1-s decodings ran one after the other inside `wall`: counted once each, they fit
+    assert sum(o["prefill_seconds"] for o in outs.values()) + 2 * 1.0 <= wall + 0.01, (outs, wall)
