@@ -58,7 +58,8 @@ def steps(work="results/gpu_check", python=None):
     w = Path(work)
     return [
         Step("kernel_tests", "the Triton kernel compiled for this GPU against the eager path (tests/test_kernels.py "
-             "runs on CUDA when torch sees a GPU, in Triton's interpreter otherwise)",
+             "runs on CUDA when torch sees a GPU, in Triton's interpreter otherwise), and every launch's registers and "
+             "spills compiled ahead of time (bench.kernel_registers)",
              [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_kernels.py"], 180),
         Step("parity", "model.py on the GPU against the CPU, SmolLM2 in float32: last-token logits (eager and kernel), "
              "head scores and the heads they select, greedy tokens under DoPE, dope.gaussian's draws",

@@ -1,6 +1,7 @@
 """kernels.py: the fused Triton RoPE against model.rope_qk, the eager reference (Liger-Kernel's test matrix: odd shapes,
 GQA, per-dtype tolerances), every DoPE plan, and a whole tiny model with the kernel on and off; then what a GPU
-compiler makes of it: every launch compiled ahead of time for sm_80 and sm_90, no spills, at most 128 registers.
+compiler makes of it (bench/kernel_registers.py): every launch compiled ahead of time for sm_80 and sm_90, no spills,
+at most 128 registers.
 
 On a machine without CUDA the kernel runs in Triton's interpreter (numpy, slow: shapes stay small). Triton reads
 TRITON_INTERPRET when @triton.jit runs, i.e. when kernels.py is imported, not when triton is imported; so it is set
@@ -36,6 +37,7 @@ from tiny import hf_tiny, ours  # noqa: E402
 
 if DEVICE == "cpu" and not kernels.interpreted():  # imported by an earlier test module without the variable
     kernels = importlib.reload(kernels)
+from bench import kernel_registers  # noqa: E402  (after the reload: it reads the kernel from the kernels module)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Liger-Kernel's tolerances on values (atol); rtol covers the larger values of the Gaussian tables
@@ -212,7 +214,7 @@ def test_custom_head_rope_runs_in_table_mode():
 
 
 def launch_kind(plan, source):
-    """The kernels.LAUNCHES row a plan runs as."""
+    """The kernel_registers.LAUNCHES row a plan runs as."""
     if plan is None:
         return f"plain, {source}"
     if plan in ("parts", "all"):
@@ -236,7 +238,7 @@ def test_fp32_tables_bit_for_bit(plan, tile):
     hr = plan and head_rope(plan, inv_freq)
     block_t = None
     if tile == "cuda":
-        block_t = kernels.example_launch(launch_kind(plan, "tables"), torch.float32, d, 4, 2)[1]["BLOCK_T"]
+        block_t = kernel_registers.example_launch(launch_kind(plan, "tables"), torch.float32, d, 4, 2)[1]["BLOCK_T"]
         assert block_t < T
     got = kernels.rope_qk(q, k, cos, sin, pos, hr, block_t=block_t)
     for g, r in zip(got, model.rope_qk(q, k, cos, sin, pos, hr)):
@@ -254,7 +256,7 @@ def test_cuda_tiles_match_eager(plan, source, dtype):
     pos = torch.arange(1000, 1000 + T, device=DEVICE)
     inv_freq, cos, sin = tables(d, pos)
     hr = plan and head_rope(plan, inv_freq, heads=(1, 3), n_head=6)
-    block_t = kernels.example_launch(launch_kind(plan, source), dtype, d, 6, 2)[1]["BLOCK_T"]
+    block_t = kernel_registers.example_launch(launch_kind(plan, source), dtype, d, 6, 2)[1]["BLOCK_T"]
     assert block_t < T
     if source == "tables":
         got = kernels.rope_qk(q, k, cos, sin, pos, hr, block_t=block_t)
@@ -410,26 +412,26 @@ def test_imports_without_triton():
 def test_cuda_tile_is_the_same_for_every_length():
     """On a GPU the launch picks one tile per kind of launch and head width, whatever T is (a long prompt, a short
     chunk, a decode step): the compile test below, which builds its launches at T = 16, covers every launch."""
-    for name in kernels.LAUNCHES:
+    for name in kernel_registers.LAUNCHES:
         for d in (64, 128):
-            tiles = {kernels.example_launch(name, torch.bfloat16, d, 32, 8, T=T, device="meta")[1]["BLOCK_T"]
+            tiles = {kernel_registers.example_launch(name, torch.bfloat16, d, 32, 8, T=T, device="meta")[1]["BLOCK_T"]
                      for T in (1, 7, 16, 100, 4096, 65536)}
             assert len(tiles) == 1, (name, d, tiles)
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    """`python kernels.py --resources --json` once for the module: every launch compiled ahead of time for sm_80 and
+    """`python -m bench.kernel_registers --json` once for the module: every launch compiled ahead of time for sm_80 and
     sm_90 with triton's ptxas (no GPU needed), registers and stack read from each cubin with cuobjdump."""
     t0 = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "kernels.py", "--resources", "--json"], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, "-m", "bench.kernel_registers", "--json"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
-    if r.returncode == 3:  # kernels.nvidia_tools(): no NVIDIA backend, ptxas or cuobjdump in this triton
+    if r.returncode == 3:  # kernel_registers.nvidia_tools(): no NVIDIA backend, ptxas or cuobjdump in this triton
         pytest.skip(r.stderr.strip())
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(r.stdout)
-    print(f"\n{kernels.format_resources(rows)}\n{len(rows)} compiled launches x 2 targets in "
+    print(f"\n{kernel_registers.format_resources(rows)}\n{len(rows)} compiled launches x 2 targets in "
           f"{time.perf_counter() - t0:.0f} s")
     return rows
 
@@ -438,7 +440,7 @@ def test_compile_covers_every_launch(compiled):
     """9 kinds of launch x 3 dtypes x d in {64, 128}; the group sizes of SmolLM2-135M (9 / 3 heads), Qwen2.5-0.5B
     (14 / 2) and LLaMA-3-8B (32 / 8) compile to one kernel each (G is a runtime argument)."""
     got = {(r["launch"], r["dtype"], r["d"]) for r in compiled}
-    assert got == {(n, dt, d) for n in kernels.LAUNCHES for dt in ("fp32", "fp16", "bf16") for d in (64, 128)}
+    assert got == {(n, dt, d) for n in kernel_registers.LAUNCHES for dt in ("fp32", "fp16", "bf16") for d in (64, 128)}
     assert len(compiled) == len(got), "one compiled kernel per launch, dtype and d"
     assert all(r["groups"] == [3, 7, 4] for r in compiled)
 
@@ -447,4 +449,4 @@ def test_compiled_kernel_does_not_spill(compiled):
     """No launch spills to local memory (stack 0) or needs more than 128 registers per thread, on sm_80 and sm_90.
     Interpreter tests cannot see this: it is what a GPU compiler makes of the kernel."""
     bad = [r for r in compiled for a in ("sm80", "sm90") if r[a]["stack"] != 0 or r[a]["registers"] > 128]
-    assert not bad, "spills or > 128 registers:\n" + kernels.format_resources(bad)
+    assert not bad, "spills or > 128 registers:\n" + kernel_registers.format_resources(bad)
