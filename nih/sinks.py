@@ -33,6 +33,8 @@ import torch
 import entropy
 import eval_nih
 from model import Tokenizer, parse_len
+from nih import cli, records
+from nih.models import load_model
 from tools.setup_weights import DEFAULT_MODEL_DIR, ensure_weights
 
 RULES = {  # the grid's two readings of the rule (eval_nih.methods_for) and the score they rank by
@@ -112,11 +114,11 @@ def measure(args) -> dict:
     grid = eval_nih.parse_args(["--len", str(length), "--noisy", str(noisy), "--model", str(model_path),
                                 "--variant", "parts,gaussian", "--order", "parts:asc,parts:flat,gaussian:asc",
                                 "--depths", str(args.depths), "--out", str(args.calib_dir or args.out)])
-    cfg = eval_nih.check_inputs(grid)
+    cfg = cli.check_inputs(grid, 5)
     tok = Tokenizer(model_path)
-    model, factor = eval_nih.load_model(model_path, length, cfg.max_pos, grid)
+    model, factor = load_model(model_path, length, cfg.max_pos, grid)
     builder = eval_nih.PromptBuilder(tok, eval_nih.FILLER, model.config.bos_token_id)
-    ident = eval_nih.identity(grid, eval_nih.model_id(model_path), eval_nih.FILLER, factor)
+    ident = records.identity(grid, records.model_id(model_path), eval_nih.FILLER, factor)
     Path(grid.out).mkdir(parents=True, exist_ok=True)
     calib = eval_nih.calibrate(model, builder, length, noisy, grid, Path(grid.out), ident)
     sel = eval_nih.Selector(calib)
@@ -140,7 +142,7 @@ def measure(args) -> dict:
         summary["tests"] = by_method(model, tok, builder, methods, grid, args, out)
         if args.pictures:
             draw_tests(summary["tests"], out)
-        eval_nih.write_atomic(out / "sinks.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+        records.write_atomic(out / "sinks.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     return summary
 
 
@@ -183,7 +185,7 @@ def probe_calibration(model, tok, builder, grid, scores, methods, factor, ident,
         heads = args.heads or [placed["parts/asc"][0]["head"], placed["parts/flat"][0]["head"]]
         window = window_maps(model, p.ids[:WINDOW], heads)
         draw_setting(summary, last_row, window, out)
-    eval_nih.write_atomic(out / "sinks.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    records.write_atomic(out / "sinks.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     return summary
 
 
@@ -244,7 +246,7 @@ def by_method(model, tok, builder, methods, grid, args, out: Path) -> list:
             row = dict(depth=depth, method=m.name, heads=[list(h) for h in m.heads], spans=spans,
                        answer=r.get("answer"), score=r.get("score"), logprob=r.get("logprob"), expected=p.value,
                        mass=head_table(mass), profile=binned(profile))
-            eval_nih.write_atomic(path, lambda f: f.write(json.dumps(row).encode()))
+            records.write_atomic(path, lambda f: f.write(json.dumps(row).encode()))
             rows.append(row)
     return rows
 
