@@ -215,11 +215,11 @@ def by_method(model, tok, builder, methods, grid, args, out: Path) -> list:
     as it finishes; a rerun skips the ones on disk."""
     from dope import DopePlan, apply_dope, remove_dope
 
-    records = {}
+    answered = {}
     if args.records:
         for line in (Path(args.records) / "results.jsonl").read_text().splitlines():
             r = json.loads(line)
-            records[(r["depth"], r["trial"], r["method"])] = r
+            answered[(r["depth"], r["trial"], r["method"])] = r
     prompts = {d: p for d, t, p in eval_nih.setting_prompts(builder, grid.len[0], grid.noisy[0], grid) if t == 0}
     rows = []
     for depth in args.test_depths:
@@ -242,7 +242,7 @@ def by_method(model, tok, builder, methods, grid, args, out: Path) -> list:
             mass = entropy.attention_mass(w.cpu(), q, spans)
             profile = w[:, :, -1].mean(dim=(0, 1)).cpu()  # (T,): the answer position's attention, mean over heads
             del w
-            r = records.get((depth, 0, m.name), {})
+            r = answered.get((depth, 0, m.name), {})
             row = dict(depth=depth, method=m.name, heads=[list(h) for h in m.heads], spans=spans,
                        answer=r.get("answer"), score=r.get("score"), logprob=r.get("logprob"), expected=p.value,
                        mass=head_table(mass), profile=binned(profile))
