@@ -44,7 +44,7 @@ import torch
 import entropy
 from dope import VARIANTS, DopePlan, apply_dope, remove_dope
 from model import Tokenizer
-from nih import cli, records, report
+from nih import cli, records, report, vllm_cells
 from nih.budget import LayerProgress, announce_work, check_memory
 from nih.heads import report_heads, save_heads
 from nih.models import describe_rope, load_model
@@ -371,10 +371,16 @@ def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, o
         return answer_and_decode(model, head_set, cache, logits, tok.encode(" " + p.value),
                                  torch.tensor([p.ids], device=args.device), args.max_new_tokens, stop, args.seed)
 
+    cells = [((d, t, p), p, need[d, t]) for d, t, p in todo]
+    if args.engine == "vllm":  # vLLM answers every cell, its automatic prefix caching in place of nih/reuse.py
+        cells = vllm_cells.run_prompts(args.model, factor, cells, lambda p: tok.encode(" " + p.value), length=length,
+                                       extra=extra, max_new_tokens=args.max_new_tokens, stop=stop, seed=args.seed,
+                                       dtype=args.dtype, reuse=args.reuse)
+    else:
+        cells = run_prompts(model, cells, decode, extra=extra, chunk=args.chunk, reuse=args.reuse, device=args.device,
+                            seed=args.seed, layers=args.layer_reuse, store=store)
     with LayerProgress(model, length, work, f"{length} tokens, noisy={noisy}") as progress:
-        for (d, t, p), m, o in run_prompts(model, [((d, t, p), p, need[d, t]) for d, t, p in todo], decode,
-                                           extra=extra, chunk=args.chunk, reuse=args.reuse, device=args.device,
-                                           seed=args.seed, layers=args.layer_reuse, store=store):
+        for (d, t, p), m, o in cells:
             text = tok.decode(o["new"]).split("\n")[0]  # stop at a newline, as the paper does
             rec = dict(cell=cell[d, t, m.name], **fixed, depth=d, trial=t, actual_depth=round(p.actual_depth, 4),
                        key=p.key, expected=p.value, method=m.name, variant=m.variant, role=m.role, rule=m.rule,

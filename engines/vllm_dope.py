@@ -464,6 +464,25 @@ class VllmDope:
                                logprobs=[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]))
         return result
 
+    def answer_logprobs(self, prompts, answers, with_cached: bool = False) -> list:
+        """log p(answer | prompt), teacher-forced, for each pair of token-id lists: vLLM's prompt log-probabilities of
+        prompt + answer over the answer's positions. Blocks of the prompt held by the prefix cache are read, not
+        recomputed: the logits from the prompt's last position on are always computed, unless the cache holds the
+        whole prompt (a block boundary at its end), and such a request is computed again without the cache.
+        with_cached: (log p, how many prompt tokens came from the prefix cache) pairs."""
+        def run(pairs, skip):
+            params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, skip_reading_prefix_cache=skip)
+            return self.llm.generate([{"prompt_token_ids": list(p) + list(a)} for p, a in pairs], params,
+                                     use_tqdm=False)
+
+        pairs = list(zip(prompts, answers, strict=True))
+        outs = run(pairs, False)
+        again = [i for i, (o, (p, _)) in enumerate(zip(outs, pairs)) if o.num_cached_tokens > len(p) - 1]
+        for i, o in zip(again, run([pairs[i] for i in again], True) if again else []):
+            outs[i] = o
+        lps = [sum(o.prompt_logprobs[len(p) + i][t].logprob for i, t in enumerate(a)) for o, (p, a) in zip(outs, pairs)]
+        return [(lp, o.num_cached_tokens) for lp, o in zip(lps, outs)] if with_cached else lps
+
     def kv_bytes(self) -> dict:
         """{layer: KV cache bytes per token}, summed over the workers, measured on vLLM's allocated tensors."""
         per_worker = self.llm.collective_rpc("dope_kv_bytes")
@@ -477,8 +496,8 @@ class VllmDope:
 def run_jobs(jobs: list[dict]) -> list[dict]:
     """Each job loads one engine and answers its runs: {"model", "plan", "layers", "tensor_parallel_size",
     "rope_scaling", "llm" (more vllm.LLM arguments), "kv_bytes", "runs": [{"plan" (installed first when the key is
-    there), "prompts", "max_new_tokens"}]}; plans are dicts of DopePlan fields (plan_to_dict). {"seams": true} reports
-    check_seams().
+    there), "prompts", "max_new_tokens", "answers" (optional: their teacher-forced log p first)}]}; plans are dicts of
+    DopePlan fields (plan_to_dict). {"seams": true} reports check_seams().
     An error (a refused plan) is reported as {"error": "Type: message"} for its job or run, and the jobs go on."""
     results = []
     for job in jobs:
@@ -498,11 +517,14 @@ def run_jobs(jobs: list[dict]) -> list[dict]:
             try:
                 if "plan" in run:
                     engine.remove() if run["plan"] is None else engine.install(plan_from_dict(run["plan"]))
+                scored = engine.answer_logprobs(run["prompts"], run["answers"]) if "answers" in run else None
                 answers = engine.generate(run["prompts"], run["max_new_tokens"])
             except (ValueError, TypeError) as e:
                 out["runs"].append(dict(error=f"{type(e).__name__}: {e}"))
                 continue
             out["runs"].append(dict(answers=answers, seconds=time.perf_counter() - t))
+            if scored is not None:
+                out["runs"][-1]["answer_logprobs"] = scored
         if job.get("kv_bytes"):
             out["kv_bytes"] = engine.kv_bytes()
         results.append(out)

@@ -83,6 +83,12 @@ def check_flags(p, a) -> None:
             p.error("--device-map needs the accelerate package (pip install accelerate)")
     elif a.device_map:
         p.error("--device-map goes with --engine transformers")
+    if a.engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            p.error("--engine vllm needs vLLM: run eval_nih.py with the python that `bash .ci/vllm_env` prints (an "
+                    "environment with requirements-vllm.txt)")
+        if {"yarn", "selfextend"} & set(a.variant):
+            p.error("--engine vllm runs the baseline and DoPE's variants; YaRN and Self-Extend run on model.py only")
     try:
         check_templates(a.needle, a.question, a.answer_prefix)
     except ValueError as e:
@@ -215,9 +221,11 @@ def build_parser(doc: str, needle: str, question: str, answer_prefix: str) -> ar
     p.add_argument("--chunk", type=int, default=0,
                    help="prefill chunk in tokens; 0 (default) runs a prefix in one pass, the fastest on a CPU "
                         f"(SDPA's causal kernel skips the masked half), and tails in chunks of {TAIL_CHUNK}")
-    p.add_argument("--engine", choices=["model", "transformers"], default="model",
+    p.add_argument("--engine", choices=["model", "transformers", "vllm"], default="model",
                    help="model: this project's model.py (default); transformers: the checkpoint loaded by Hugging Face "
-                        "transformers with hf_dope.py (shared-prefix reuse, no layer reuse)")
+                        "transformers with hf_dope.py (shared-prefix reuse, no layer reuse); vllm: answered by vLLM "
+                        "with engines/vllm_dope.py, its prefix caching for the reuse, heads still picked on model.py "
+                        "(run eval_nih.py with the python that `bash .ci/vllm_env` prints)")
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
                    help="the attention implementation of --engine transformers (default sdpa)")
     p.add_argument("--device-map",

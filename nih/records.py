@@ -36,7 +36,8 @@ def identity(args, model_fp: str, haystack_text: str, factor) -> dict:
     return dict(model=model_fp, haystack=hashlib.sha256(haystack_text.encode()).hexdigest()[:16], ntk=factor,
                 seed=args.seed, dtype=args.dtype, device=args.device.split(":")[0], chunk=args.chunk,
                 max_new_tokens=args.max_new_tokens,
-                **({"engine": f"transformers/{args.attn}"} if args.engine == "transformers" else {}),
+                **({"engine": f"transformers/{args.attn}"} if args.engine == "transformers" else
+                   {"engine": "vllm"} if args.engine == "vllm" else {}),
                 needle=args.needle, question=args.question, answer_prefix=args.answer_prefix)
 
 

@@ -83,6 +83,18 @@ def reference(model, prompts, plan):
     return out
 
 
+@torch.inference_mode()
+def teacher_forced(model, scored, plan):
+    """log p(answer | prompt) under the plan, in one forward over prompt + answer (as eval_nih's answer_logprob)."""
+    apply_dope(model, plan)
+    out = []
+    for p, a in zip(scored["prompts"], scored["answers"]):
+        lp = torch.log_softmax(model(torch.tensor([p + a]), all_logits=True)[0].double(), -1)  # (T, vocab)
+        out.append(sum(lp[len(p) - 1 + i, t].item() for i, t in enumerate(a)))
+    remove_dope(model)
+    return out
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Calibrate on model.py, start every engine in the vLLM environment, and compute the references meanwhile."""
@@ -109,6 +121,13 @@ def world(tmp_path_factory):
                       + [dict(run, plan=None), dict(run, plan=dict(plan_dict(make_plan(heads, "parts")),
                                                                    heads=[[other, 0]]))])]
     smol = models["smollm2"]
+    ids = Tokenizer(smol["path"]).encode(TEXT)
+    # teacher forcing: a 96-token prompt is three whole 32-token blocks, held whole by the prefix cache the second time
+    smol["scored"] = dict(prompts=[ids[:96], ids[30:70]], answers=[ids[96:101], ids[70:74]], max_new_tokens=NEW)
+    smol["jobs"]["scored"] = len(jobs)
+    jobs.append(dict(model=smol["path"], layers=smol["layers"], llm=LLM_ARGS,
+                     runs=[dict(smol["scored"], plan=plan_dict(make_plan(smol["heads"], "gaussian"))),
+                           smol["scored"]]))
     smol["jobs"]["ntk"] = len(jobs)
     jobs.append(dict(model=smol["path"], layers=smol["layers"], rope_scaling=NTK, llm=LLM_ARGS,
                      runs=[dict(prompts=smol["prompts"], max_new_tokens=NEW, plan=plan)
@@ -144,6 +163,7 @@ def world(tmp_path_factory):
             m["ref"]["plain"] = reference(refs[name], m["prompts"], None)
         smol["ref"]["ntk parts"] = reference(refs["smollm2-ntk"], smol["prompts"], make_plan(smol["heads"], "parts"))
         smol["ref"]["ntk plain"] = reference(refs["smollm2-ntk"], smol["prompts"], None)
+        smol["ref"]["scored"] = teacher_forced(refs["smollm2"], smol["scored"], make_plan(smol["heads"], "gaussian"))
         (tmp / "references.json").write_text(json.dumps({name: m["ref"] for name, m in models.items()}))
         proc.wait(timeout=900)
     finally:
@@ -195,6 +215,18 @@ def test_each_variant_gives_model_py_s_tokens_and_logprobs(world, name, variant)
         f"{variant} on {m['heads']} left the answers at plain RoPE's"
 
 
+def test_teacher_forced_answer_logprobs_equal_model_py_s_with_or_without_cached_prompts(world):
+    """engine.answer_logprobs: log p of a given answer from vLLM's prompt log-probabilities, under a plan. The second
+    run finds the prompts in the prefix cache (the 96-token one whole, so it is computed again without the cache)."""
+    m = world["models"]["smollm2"]
+    want = m["ref"]["scored"]
+    for run in range(2):
+        got = world["out"][m["jobs"]["scored"]]["runs"][run]
+        assert "error" not in got, got["error"]
+        err = max(abs(a - b) for a, b in zip(got["answer_logprobs"], want, strict=True))
+        assert err <= TOL, f"run {run}: teacher-forced log p {got['answer_logprobs']} vs model.py {want}"
+
+
 def test_the_paper_s_static_ntk_scaling_reaches_vllm_as_model_py_rotates(world):
     """rope_scaling={"rope_type": "ntk", "factor": 2}: vLLM's own layers rotate with model.py's NTK base (checked on
     its tables at load), by-parts takes its bands from the scaled frequencies, and the answers are model.py's."""
@@ -224,7 +256,7 @@ def test_the_calibrated_plan_splits_a_kv_group(world, name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_a_plan_on_a_layer_with_shared_keys_is_refused(world, name):
-    run = world["out"][world["models"][name]["jobs"]["dope"]]["runs"][-1]
+    run = world["out"][world["models"][name]["jobs"]["dope"]]["runs"][len(RUN[name]) + 1]
     assert "error" in run and "load the engine with this layer in `layers`" in run["error"], run
 
 
@@ -263,6 +295,40 @@ def test_plans_the_layout_cannot_serve_are_refused_before_vllm_loads(world, why,
     got = world["out"][world["models"]["smollm2"]["refused"][why]]
     assert "error" in got and words in got["error"], got
     assert "load_s" not in got  # the engine never loaded
+
+
+def test_the_experiment_through_vllm_gives_model_py_s_answers(tmp_path):
+    """eval_nih.py --engine vllm, run with the vLLM environment's python, against model.py on a short grid (600
+    tokens, 3 depths, the baseline, by-all and its random control, float32): the same heads, answers and scores, the
+    answer's teacher-forced log-probability within 1e-4, and cells keyed apart from model.py's."""
+    from eval_nih import parse_args, run
+
+    exe = vllm_python()
+    argv = ["--model", str(ensure_weights("smollm2")), "--len", "600", "--depths", "3", "--variant", "none,all",
+            "--max-new-tokens", "10"]
+    with open(tmp_path / "log.txt", "w") as log:  # vLLM loads while model.py answers
+        proc = subprocess.Popen([str(exe), "eval_nih.py", *argv, "--out", str(tmp_path / "vllm"), "--engine", "vllm"],
+                                cwd=ROOT, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        mine = run(parse_args([*argv, "--out", str(tmp_path / "model")]))
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode:
+        tail = (tmp_path / "log.txt").read_text()[-6000:]
+        pytest.fail(f"eval_nih.py --engine vllm exited with {proc.returncode}; the end of its log:\n{tail}")
+    lines = (tmp_path / "vllm" / "results.jsonl").read_text().splitlines()
+    theirs = {(r["depth"], r["trial"], r["method"]): r for r in map(json.loads, lines)}
+    assert len(theirs) == len(mine) == 9
+    for r in mine:
+        v = theirs[r["depth"], r["trial"], r["method"]]
+        assert (v["heads"], v["answer"], v["score"]) == (list(map(list, r["heads"])), r["answer"], r["score"]), (r, v)
+        assert abs(v["logprob"] - r["logprob"]) < 1e-4, (r["method"], r["depth"], r["logprob"], v["logprob"])
+        assert v["first_layer"] == 0 and 0 < v["tail_tokens"] <= 600
+    assert {r["cell"] for r in mine}.isdisjoint(v["cell"] for v in theirs.values())  # keyed apart
+    assert any(v["tail_tokens"] < 600 for v in theirs.values())  # vLLM's prefix cache held a shared haystack
 
 
 def test_missing_vllm_is_named(monkeypatch):
