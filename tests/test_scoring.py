@@ -50,7 +50,3 @@ def test_key_scores_are_shared_by_a_gqa_group(tmp_path, idx):
     s = entropy.head_scores(g["key/post_ntk"], "trunc", 1)  # (2 layers, 4 heads), heads 0-1 and 2-3 share a key
     assert torch.equal(s[:, 0], s[:, 1]) and torch.equal(s[:, 2], s[:, 3]) and not torch.equal(s[:, 0], s[:, 2])
 
-
-def test_calibration_prompt_shorter_than_a_chunk_is_refused(tmp_path, idx):
-    with pytest.raises(ValueError, match="shorter than one chunk"):
-        grams(ours(hf_tiny("llama"), tmp_path), idx, chunk=128)
