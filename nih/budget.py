@@ -103,6 +103,8 @@ def memory_needed(c, methods, length, extra, args) -> int:
         f = first_layer(m, args.reuse, args.layer_reuse)
         dope_layers = len({layer for layer, _ in m.heads})
         dope_kv.append(((c.n_layer - f) * c.n_kv_head + dope_layers * (c.n_head - c.n_kv_head)) * layer_kv)
+    for m in {m.head_set: m for m in methods if m.role == "extension"}.values():  # a whole cache of its own
+        dope_kv.append(c.n_layer * c.n_kv_head * layer_kv * (3 if m.variant == "selfextend" else 2) // 2)  # 2d keys
     kv += sum(dope_kv) if args.reuse == "prefix" else max(dope_kv, default=0)
     firsts = {first_layer(m, args.reuse, args.layer_reuse) for m in sets.values()} - {0}
     taps = 2 * len(firsts) * length * c.n_embd * b  # hidden states of the prefix and of a tail

@@ -17,7 +17,7 @@ import entropy
 from dope import VARIANTS
 from model import Config, parse_len, read_json
 from nih.budget import TAIL_CHUNK
-from nih.reuse import MODES
+from nih.reuse import EXTENSIONS, MODES
 from tools.setup_weights import DEFAULT_MODEL_DIR
 
 
@@ -26,9 +26,9 @@ def parse_args(argv, doc: str, needle: str, question: str, answer_prefix: str):
     description; needle, question, answer_prefix: the default templates."""
     p = build_parser(doc, needle, question, answer_prefix)
     a = p.parse_args(argv)
-    bad = [v for v in a.variant if v not in ("none", *VARIANTS)]
+    bad = [v for v in a.variant if v not in ("none", *VARIANTS, *EXTENSIONS)]
     if bad:
-        p.error(f"unknown variant(s) {bad}: choose from none, {', '.join(VARIANTS)}")
+        p.error(f"unknown variant(s) {bad}: choose from none, {', '.join(VARIANTS + EXTENSIONS)}")
     a.variant = ["none"] + [v for v in dict.fromkeys(a.variant) if v != "none"]
     if a.order is not None:
         a.order = parse_orders(p, a.order, a.variant[1:])
@@ -81,6 +81,9 @@ def check_flags(p, a) -> None:
             p.error("--engine transformers needs the transformers package (pip install transformers)")
         if a.device_map and importlib.util.find_spec("accelerate") is None:
             p.error("--device-map needs the accelerate package (pip install accelerate)")
+        if set(a.variant) & set(EXTENSIONS):
+            p.error(f"--variant {','.join(sorted(set(a.variant) & set(EXTENSIONS)))} runs on model.py only (--engine "
+                    "model): its RoPE or attention is swapped inside model.py's forward")
     elif a.device_map:
         p.error("--device-map goes with --engine transformers")
     if a.engine == "vllm":
@@ -89,6 +92,8 @@ def check_flags(p, a) -> None:
                     "environment with requirements-vllm.txt)")
         if {"yarn", "selfextend"} & set(a.variant):
             p.error("--engine vllm runs the baseline and DoPE's variants; YaRN and Self-Extend run on model.py only")
+    if a.self_extend is not None and "selfextend" not in a.variant:
+        p.error("--self-extend sets the group and window of --variant selfextend (add it to --variant)")
     try:
         check_templates(a.needle, a.question, a.answer_prefix)
     except ValueError as e:
@@ -138,9 +143,10 @@ def check_inputs(args, k: int) -> Config:
         usage_error(f"--random-sets with k = {k}: too few heads outside the rules' ({heads} in the model)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        usage_error(f"--out {out} is a file, not a folder")
-    if args.prefix_cache not in (None, "none") and Path(args.prefix_cache).is_file():
-        usage_error(f"--prefix-cache {args.prefix_cache} is a file, not a folder")
+        usage_error(f"--out {out} is {'a file' if out.is_file() else 'a FIFO or a socket'}, not a folder")
+    cache = Path(args.prefix_cache) if args.prefix_cache not in (None, "none") else None
+    if cache is not None and cache.exists() and not cache.is_dir():
+        usage_error(f"--prefix-cache {cache} is {'a file' if cache.is_file() else 'a FIFO or a socket'}, not a folder")
     probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK | os.X_OK):
         usage_error(f"--out {out}: {probe} is not writable")
@@ -171,6 +177,14 @@ def _list(kind):
     return parse
 
 
+def _group_window(s: str) -> tuple:
+    try:
+        g, w = (int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a group and a window, e.g. 8,1024") from None
+    return g, w
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -180,8 +194,12 @@ def build_parser(doc: str, needle: str, question: str, answer_prefix: str) -> ar
     p.add_argument("--len", type=lambda s: [parse_len(x) for x in s.split(",")], default=[parse_len("8k")],
                    help="token length(s), e.g. 4k, 16k, 64k or 3000; comma-separated for several (default 8k)")
     p.add_argument("--variant", type=lambda s: s.split(","), default=["none", "parts"],
-                   help="comma-separated from none,parts,all,gaussian; the baseline always runs, first "
+                   help="comma-separated from none,parts,all,gaussian (DoPE) and yarn,selfextend (two other "
+                        "training-free extensions, compared with the baseline); the baseline always runs, first "
                         "(default none,parts)")
+    p.add_argument("--self-extend", type=_group_window, metavar="G,W",
+                   help="Self-Extend's group size and neighbour window (default: model.SelfExtend.for_length, the "
+                        "reference implementation's W = 1024, G = 8 doubled until the length fits its rule)")
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR),
                    help="an HF Llama/Qwen2 folder (default: packaged SmolLM2)")
     p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: cuda when available)")

@@ -18,9 +18,9 @@ def save_heads(sel, methods, length, noisy, out: Path, model_name: str):
             continue
         scores = sel.scores(m.rule)
         stem = out / f"heads_{length}_noisy{noisy}_{m.name.replace('/', '_')}"
-        entropy.plot_scores(scores, m.heads, stem.with_suffix(".png"),
-                            title=f"{model_name} at {length} tokens: heads for DoPE {m.name}",
-                            label=f"{m.rule['metric']} r={m.rule['r']} ({m.rule['criterion']})")
+        records.write_atomic(stem.with_suffix(".png"), lambda f: entropy.plot_scores(  # whole or absent
+            scores, m.heads, f, title=f"{model_name} at {length} tokens: heads for DoPE {m.name}",
+            label=f"{m.rule['metric']} r={m.rule['r']} ({m.rule['criterion']})"))
         text = json.dumps({"rule": m.rule, "heads": m.heads, "scores": [scores[h].item() for h in m.heads],
                            "p1": [sel.spectra[m.rule["criterion"]][h][0].item() for h in m.heads]}, indent=1)
         records.write_atomic(stem.with_suffix(".json"), lambda f: f.write(text.encode() + b"\n"))
@@ -38,8 +38,9 @@ def report_heads(calib, sel, methods, length, noisy, out: Path, model_name: str)
         for name, f in (("min", lambda x: x.min(-1).values), ("median", lambda x: x.median(-1).values),
                         ("max", lambda x: x.max(-1).values)):
             print(f"   {name:>5} " + " ".join(f"{v:4.2f}" for v in f(p1).tolist()))
-        entropy.plot_scores(p1, [], out / f"p1_{length}_noisy{noisy}_{crit.replace('/', '_')}.png",
-                            title=f"{model_name} at {length} tokens", label=f"spectral share p1 ({crit})")
+        png = out / f"p1_{length}_noisy{noisy}_{crit.replace('/', '_')}.png"
+        records.write_atomic(png, lambda f: entropy.plot_scores(p1, [], f, title=f"{model_name} at {length} tokens",
+                                                                label=f"spectral share p1 ({crit})"))
     for m in methods[1:]:
         p1 = [sel.spectra[m.rule["criterion"]][h][0].item() for h in m.heads]
         print(f"   DoPE {m.name}: {m.rule} -> heads {m.heads} (p1 {', '.join(f'{x:.2f}' for x in p1)})")

@@ -16,7 +16,7 @@ import re
 import statistics
 from pathlib import Path
 
-from nih.records import load_done
+from nih.records import load_done, write_atomic
 from nih.stats import (detectable_gain, detectable_shift, gain_power, holm, mean_interval, median_p, median_shift,
                        newcombe_p, newcombe_paired, paired_median, wilson)
 
@@ -112,6 +112,9 @@ def shift(lp: dict) -> str:
     return "higher" if lp["lo"] > 0 else "lower" if lp["hi"] < 0 else "unchanged"
 
 
+EXTENSION_NAMES = {"yarn": "YaRN", "selfextend": "Self-Extend"}  # eval_nih's other training-free extensions
+
+
 def verdict(vs_base: dict, vs_ctrl: list | dict | None) -> str:
     """The accuracy rule: a difference counts only when its 95% interval excludes zero; a gain is the entropy rule's
     only when it also beats every random-head control (with several, each at 95%: an intersection-union test)."""
@@ -195,8 +198,11 @@ def table(grp: list, title: str, label: str) -> tuple[list, list, list, list]:
         else:
             row += ["", ""]
         lines.append("| " + " | ".join(row) + " |")
-        if first["role"] == "rule" and vs_base is not None:
-            v = (f"{label}, DoPE {n}: {verdict(vs_base, [a for a, _ in vs_ctrl])} (accuracy {_pct(vs_base['diff'])} "
+        if first["role"] in ("rule", "extension") and vs_base is not None:
+            what = f"DoPE {n}" if first["role"] == "rule" else EXTENSION_NAMES.get(n, n)
+            said = verdict(vs_base, [a for a, _ in vs_ctrl]) if first["role"] == "rule" else \
+                verdict(vs_base, []).removesuffix(" (no control run)")  # another extension: no head set to control
+            v = (f"{label}, {what}: {said} (accuracy {_pct(vs_base['diff'])} "
                  f"pts [{_pct(vs_base['lo'])}, {_pct(vs_base['hi'])}]); log p of the answer {shift(lp)} "
                  f"(median {lp['diff']:+.3f} {_ival(lp, '+.3f')})")
             if len(vs_ctrl) == 1:
@@ -307,7 +313,7 @@ def power_projection(rows: list, prompts: list) -> list:
              "detect at other numbers of prompts, with 80% power (the observed rates and differences, resampled):", "",
              "| rule | prompts | detectable accuracy gain, points | power at +9 points | detectable median log p "
              "shift, nats |", "|---|---|---|---|---|"]
-    for n in (n for n in names if next(iter(by[n].values()))["role"] == "rule"):
+    for n in (n for n in names if next(iter(by[n].values()))["role"] in ("rule", "extension")):
         acc, lp = compare(by["none"], by[n])
         for k in prompts:
             gain, shift = detectable_gain(acc["table"], k), detectable_shift(lp["diffs"], k)
@@ -392,30 +398,90 @@ def timing(grp: list) -> list:
 
 
 def summarize(rows: list, out: Path, earlier: list | None = None) -> list:
-    """Per (length, noise): accuracy with a 95% Wilson interval, the strict-match count and the mean log-probability
-    of the right answer for every method, each method against the baseline and each rule against its random
-    control on the same prompts, and a verdict per rule with what its prompts could detect. With several settings,
-    one more table pools them (each prompt still a pair, a prompt that settings share counted once; a method name
-    then means each setting's own rule). Then the power table, and which comparisons survive Holm's correction.
-    With several context multiples (or `earlier` settings, as counts from earlier_counts), a table by multiple
-    beside the paper's Table 1. Printed and written to out/summary.md with the heatmaps and the plot against the
-    context multiple. Returns the verdict lines."""
+    """The summary of records, written to out/summary.md (and printed) with its pictures; returns the verdict lines.
+    Records of different runs (runs_of: cells that name different identities) are never paired or pooled: each run
+    gets its own section, headed by what sets it apart, and its pictures a _run<i> suffix."""
     if not rows:
         return []
+    runs = runs_of(rows)
+    lines, verdicts = [], []
+    if len(runs) > 1:
+        lines = ["", f"These records come from {len(runs)} runs that differ in what moves a token or a logit; each is "
+                 "summarized on its own, never paired or pooled with another."]
+    for i, (what, part) in enumerate(runs, start=1):
+        suffix = f"_run{i}" if len(runs) > 1 else ""
+        if len(runs) > 1:
+            lines += ["", f"## Run {i}: {what} ({len(part)} records; pictures *{suffix}.png)"]
+        more, said = run_summary(part, out, earlier, suffix)
+        lines, verdicts = lines + more, verdicts + said
+    text = "\n".join(lines)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "summary.md", lambda f: f.write((text.lstrip() + "\n").encode()))
+    return verdicts
+
+
+def runs_of(rows: list) -> list:
+    """[(what sets the run apart, its records)]: the records grouped by the identity their cells name (the model
+    and its tokenizer, the haystack, every flag that moves a logit, the engine), less the Dynamic NTK factor, which
+    --ntk auto sets per length (a setting's own, like the length). Where one setting holds several factors (--ntk 2
+    and --ntk none into one folder), each factor is a run of its own. Records whose cells name no identity (another
+    layout) are one run. One run: what = ""."""
+    groups = {}
+    for r in rows:
+        ident = _identity(r)
+        key = json.dumps({k: v for k, v in ident.items() if k != "ntk"}, sort_keys=True) if ident else None
+        groups.setdefault(key, []).append(r)
+    runs = []
+    for key, part in groups.items():
+        factors = {}
+        for r in part:
+            factors.setdefault((r["length"], r["noisy"]), set()).add(r.get("ntk_factor"))
+        if any(len(f) > 1 for f in factors.values()):
+            for f in sorted({r.get("ntk_factor") for r in part}, key=lambda x: x or 0):
+                ident = dict(json.loads(key) if key else {}, ntk=f)
+                runs.append((ident, [r for r in part if r.get("ntk_factor") == f]))
+        else:
+            runs.append((json.loads(key) if key else None, part))
+    if len(runs) == 1:
+        return [("", rows)]
+    keys = sorted({k for ident, _ in runs if ident for k in ident})
+    differ = [k for k in keys if len({json.dumps((ident or {}).get(k)) for ident, _ in runs}) > 1]
+    return [(", ".join(f"{k}={(ident or {}).get(k)}" for k in differ) if ident is not None
+             else "records whose cells name no identity", part) for ident, part in runs]
+
+
+def _identity(r) -> dict | None:
+    try:
+        ident = json.loads(r["cell"])[0]
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+    return ident if isinstance(ident, dict) else None
+
+
+def run_summary(rows: list, out: Path, earlier: list | None = None, suffix: str = "") -> tuple[list, list]:
+    """One run's records: per (length, noise), accuracy with a 95% Wilson interval, the strict-match count and the
+    mean log-probability of the right answer for every method, each method against the baseline and each rule
+    against its random control on the same prompts, and a verdict per rule with what its prompts could detect. With
+    several settings, one more table pools them (each prompt still a pair, a prompt that settings share counted
+    once; a method name then means each setting's own rule). Then the power table, and which comparisons survive
+    Holm's correction. With several context multiples (or `earlier` settings, as counts from earlier_counts), a
+    table by multiple beside the paper's Table 1. Draws its heatmaps and the plot against the context multiple
+    (their names end in suffix); returns the lines and the verdict lines."""
     lines, verdicts, comps, power, per_setting = [], [], [], [], list(earlier or [])
     groups = sorted({(r["length"], r["noisy"]) for r in rows})
     for L, noisy in groups:
         grp = [r for r in rows if r["length"] == L and r["noisy"] == noisy]
         per_setting += counts(grp)
         n_prompts = len({(r["depth"], r["trial"]) for r in grp})
-        title = (f"{grp[0]['model']}, {L} tokens{_multiple(grp[0])}, noisy={noisy}: {n_prompts} prompts "
+        title = (f"{_model(grp)}, {L} tokens{_multiple(grp[0])}, noisy={noisy}: {n_prompts} prompts "
                  f"({len({r['depth'] for r in grp})} depths x {len({r['trial'] for r in grp})} needles)")
         more, said, cs, pw = table(grp, title, f"{L} tokens, noisy={noisy}")
         lines, verdicts, comps, power = lines + more, verdicts + said, comps + cs, power + pw
     if len(groups) > 1:
         units = len({_unit(_prompt(r)) for r in rows})
         shared = units < len({_prompt(r) for r in rows})
-        title = (f"{rows[0]['model']}, pooled over {len(groups)} settings "
+        title = (f"{_model(rows)}, pooled over {len(groups)} settings "
                  f"({', '.join(f'{L}/noisy={n}' for L, n in groups)}): {units} prompts"
                  + (" (a prompt that settings share, differing only in sink tokens, counted once: the mean of its "
                     "settings)" if shared else "") + "; each method is each setting's own rule")
@@ -431,20 +497,22 @@ def summarize(rows: list, out: Path, earlier: list | None = None) -> list:
             if len({(r["length"], r["noisy"]) for r in grp}) > 1:
                 pooled[x] = {c["method"]: c for c in counts(grp)}
         lines += multiple_table(per_setting, pooled)
-    text = "\n".join(lines)
-    print(text)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(text.lstrip() + "\n")
     for noisy in sorted({r["noisy"] for r in rows}):
         plot_heatmap([r for r in rows if r["noisy"] == noisy and r["role"] != "sweep"],
-                     out / f"heatmap_noisy{noisy}.png", noisy)
+                     out / f"heatmap_noisy{noisy}{suffix}.png", noisy)
     if multiples:
-        plot_by_multiple(per_setting, out / "by_multiple.png")
-    return verdicts
+        plot_by_multiple(per_setting, out / f"by_multiple{suffix}.png")
+    return lines, verdicts
+
+
+def _model(rows) -> str:
+    """The model's name as its records give it: every name, when they give several (a renamed folder, an edit)."""
+    return " / ".join(dict.fromkeys(r["model"] for r in rows))
 
 
 def _multiple(r):
-    return f" ({r['length'] / r['native']:.0f}x native)" if r.get("native") else ""
+    return f" ({_times(r):g}x native)" if r.get("native") else ""
 
 
 def plot_heatmap(rows, path, noisy):
@@ -476,7 +544,7 @@ def plot_heatmap(rows, path, noisy):
         ax.set_ylabel("needle depth")
     fig.colorbar(im, ax=axes, label="fraction retrieved")
     fig.suptitle(f"{rows[0]['model']}: needle in a haystack{' (noisy: %d sinks)' % noisy if noisy else ''}")
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))  # never a 0-byte picture
     print(f"heatmap: {path}")
 
 
@@ -543,7 +611,7 @@ def plot_by_multiple(per_setting, path):
     fig.suptitle(f"{per_setting[0]['model']}: needle in a haystack against the context multiple\n"
                  "bars: 95% intervals (accuracy: Wilson; mean log p: Student's t, only where per-prompt values "
                  "were kept)", fontsize=10)
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))  # never a 0-byte picture
     print(f"plot: {path}")
 
 
@@ -719,12 +787,13 @@ def _mean(xs):
 def summarize_dirs(dirs, out: Path, earlier=None) -> list:
     """--summarize: the summary of finished runs, without loading a model (earlier: a summary.md of settings whose
     records were not kept, read by earlier_counts into the table by multiple)."""
-    rows = []
+    cells = {}  # the same cell in two folders (a copy, a folder given twice) is one record
     for d in dirs:
         f = Path(d) / "results.jsonl"
         if not f.is_file():
             raise SystemExit(f"error: {f} does not exist (give folders that an eval_nih.py run wrote to)")
-        rows += load_done(f).values()
+        cells.update(load_done(f, repair=False))  # read only: a torn last line is skipped, not cut off
+    rows = list(cells.values())
     if not rows:
         raise SystemExit(f"error: no results in {', '.join(map(str, dirs))}")
     if earlier:
@@ -742,5 +811,5 @@ if __name__ == "__main__":
     p.add_argument("folder", help="a folder an eval_nih.py run wrote results.jsonl to (one setting)")
     p.add_argument("--prompts", default="11,33,55,88,110", help="numbers of prompts (default: %(default)s)")
     a = p.parse_args()
-    recs = list(load_done(Path(a.folder) / "results.jsonl").values())
+    recs = list(load_done(Path(a.folder) / "results.jsonl", repair=False).values())
     print("\n".join(power_projection(recs, [int(x) for x in a.prompts.split(",")])))

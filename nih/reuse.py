@@ -8,27 +8,58 @@ computations that provably differ, in one call (run_prompts).
   layer from the baseline's hidden state there, its cache pointing at the baseline's for the layers below.
 - Saved prefixes (PrefixStore): each head set's shared prefix on disk while a setting runs, so that a run stopped
   before its last prompt resumes on the same machine without prefilling the haystack again.
+- A head set is a DoPE plan (a variant and its heads) or another context extension (YaRN, Self-Extend; as_method),
+  which changes every layer: it reuses its own shared prefix, nothing of the baseline's.
 
 Answers are identical to a full recomputation and log-probabilities agree to float rounding (the matmul shapes
 differ): tests/test_reuse.py checks both, and bench/bench_reuse.py measures what each reuse saves.
 """
 
+import hashlib
 import json
 import math
+import os
 import shutil
+import stat
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from dope import DopePlan, apply_dope, remove_dope
-from model import check_dynamic_chunks
+from model import SelfExtend, check_dynamic_chunks
 from nih import records
 from nih.budget import TAIL_CHUNK, first_layer
 
 MODES = ("prefix", "layers", "none")
 BASELINE = ("none", ())  # the head set of the baseline: no variant, no heads
+EXTENSIONS = ("yarn", "selfextend")  # other training-free extensions, run beside DoPE: a whole forward of their own
+
+
+@contextmanager
+def as_method(model, head_set, seed: int):
+    """The model as a head set computes, inside the with block: DoPE's plan on the set's heads; or, for an extension,
+    whose head set holds its parameters ((name, value) pairs) where DoPE's holds heads, YaRN in place of the loaded
+    Dynamic NTK (("factor", a): model.rope_yarn's defaults otherwise) or Self-Extend on plain RoPE (("group", G),
+    ("window", W)) for the whole forward; the baseline as loaded otherwise."""
+    variant, heads = head_set
+    rope = model.config.rope_scaling
+    try:
+        if variant == "yarn":
+            model.config.rope_scaling = {"rope_type": "yarn", **dict(heads)}
+        elif variant == "selfextend":
+            model.config.rope_scaling = None
+            model.use_self_extend(SelfExtend(**dict(heads)))
+        elif heads:
+            apply_dope(model, DopePlan(list(heads), variant, seed=seed))
+        yield model
+    finally:
+        remove_dope(model)
+        if variant == "selfextend":
+            model.use_self_extend(None)
+        model.config.rope_scaling = rope
 
 
 def run_prompts(model, todo, decode, *, extra: int, chunk: int = 0, reuse: str = "prefix", device="cpu",
@@ -121,18 +152,13 @@ class HeadSetRunner:
         self.caches = {}
 
     def _prefill(self, head_set, ids, cache, taps=None, hidden=None):
-        variant, heads = head_set
         f = self.sets[head_set]
         chunk = (self.chunk or TAIL_CHUNK) if cache.pos else (self.chunk or len(ids))
-        if heads:
-            apply_dope(self.model, DopePlan(list(heads), variant, seed=self.seed))
         idx = torch.tensor([ids], device=self.device)
-        try:
+        with as_method(self.model, head_set, self.seed):
             if f or taps:  # layer reuse (model.py only)
                 return prefill_from(self.model, idx, cache, chunk, f, hidden[f] if f else None, taps)
             return self.model.prefill(idx, cache, chunk)
-        finally:
-            remove_dope(self.model)
 
     def _cache(self, head_set):
         if head_set not in self.caches:
@@ -216,17 +242,24 @@ class PrefixStore:
     positions of the setting's stream, and for the baseline the hidden states the DoPE head sets start from. A file is
     named by a digest of everything its numbers depend on (the run's identity, the setting, the head set), holds the
     stream's tokens (a prefix is reused only for the same tokens), is written atomically one layer at a time (never a
-    second copy of a cache in memory), is recomputed with a warning when damaged, and is deleted once the setting is
-    complete. The folder ignores itself in git: caches are gigabytes and belong to one machine. Loaded numbers are the
-    saved ones, bit for bit."""
+    second copy of a cache in memory) and ends in the sha256 of everything before it, and is deleted once the setting
+    is complete. A file whose digest, size or header (run, setting, head set, first layer, tokens) is not what it
+    should be is recomputed with a warning naming it; something other than a file at its path (a folder, a FIFO) is
+    never opened for reading, and named. Loaded numbers are the saved ones, bit for bit.
 
-    MAGIC = b"DOPEKV1\n"
+    A folder the store creates ignores itself in git (caches are gigabytes and belong to one machine) and is removed
+    when its last cache is; a folder that existed before (--prefix-cache at a folder of yours) gets neither."""
+
+    MAGIC = b"DOPEKV2\n"
+    IGNORE = "# caches of a run in progress: gigabytes, for this machine only\n*\n"
 
     def __init__(self, folder, length: int, noisy: int, ident: dict):
         self.folder = Path(folder) if folder else None
         self.tag = f"prefix_{length}_noisy{noisy}"
         self.key = dict(ident=ident, length=length, noisy=noisy)
         self.saving = self.folder is not None
+        if self.folder is not None and self.folder.is_dir():
+            records.remove_stale_temporaries(self.folder)  # of a save killed mid-write
 
     def path(self, head_set, first: int) -> Path | None:
         if self.folder is None:
@@ -236,7 +269,7 @@ class PrefixStore:
 
     def has(self, head_set, first: int) -> bool:
         p = self.path(head_set, first)
-        return p is not None and p.exists()
+        return p is not None and p.is_file()
 
     def save(self, head_set, first: int, cache, stream: list, taps=None):
         """Write cache's layers from `first` up to len(stream) positions (and the baseline's taps, whole)."""
@@ -251,15 +284,18 @@ class PrefixStore:
                                  ids=stream, tensors=[(name, list(t.shape), str(t.dtype)) for name, t in named]))
 
         def write(f):
+            h = hashlib.sha256(self.MAGIC + len(header).to_bytes(8, "little") + header.encode())
             f.write(self.MAGIC + len(header).to_bytes(8, "little") + header.encode())
             for _, t in named:  # one tensor at a time: contiguous on the CPU, then its bytes
-                f.write(memoryview(t.contiguous().cpu().view(torch.uint8).numpy()))
+                data = memoryview(t.contiguous().cpu().view(torch.uint8).numpy())
+                h.update(data)
+                f.write(data)
+            f.write(h.digest())
 
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            ignore = self.folder / ".gitignore"
-            if not ignore.exists():
-                ignore.write_text("# caches of a run in progress: gigabytes, for this machine only\n*\n")
+            if not self.folder.is_dir():
+                self.folder.mkdir(parents=True)  # ours: it ignores itself, and goes when its caches do
+                (self.folder / ".gitignore").write_text(self.IGNORE)
             if shutil.disk_usage(self.folder).free < size + 2**30:
                 raise OSError(f"not enough free disk for {size / 2**30:.1f} GiB")
             records.write_atomic(self.path(head_set, first), write)
@@ -274,22 +310,36 @@ class PrefixStore:
     def load(self, head_set, first: int, cache, stream: list, device, taps=(), chunk: int = 0):
         """Fill cache's layers from `first` with a saved prefix of at least len(stream) positions whose tokens
         begin with stream; cache.pos = len(stream). Returns the taps for the layers in `taps` (split in chunks of
-        `chunk`, as prefill_from reads them), or None when there is no usable file (nothing changed then)."""
+        `chunk`, as prefill_from reads them), or None when there is no usable file (the cache's position is then
+        unchanged, and a prefill overwrites whatever a damaged file put in it)."""
         p = self.path(head_set, first)
-        if p is None or not p.exists():
+        if p is None or not (p.exists() or p.is_symlink()):
+            return None
+        if not p.is_file():
+            warnings.warn(f"{p} is not a file (a folder, a FIFO or a dangling link?): not read; prefilling the shared "
+                          "prefix again (remove it to let this run save its prefix there)")
             return None
         n = len(stream)
         try:
-            with open(p, "rb") as f:
-                if f.read(len(self.MAGIC)) != self.MAGIC:
-                    raise ValueError("not a saved prefix")
-                h = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO put there since the check must not block the run
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise ValueError("not a file")
+            with os.fdopen(fd, "rb") as f:
+                head = f.read(len(self.MAGIC) + 8)
+                if head[:len(self.MAGIC)] != self.MAGIC:
+                    raise ValueError("not a saved prefix of this version")
+                raw = f.read(int.from_bytes(head[len(self.MAGIC):], "little"))
+                digest = hashlib.sha256(head + raw)
+                h = json.loads(raw)
                 shapes = {name: (shape, getattr(torch, dtype.removeprefix("torch.")))
                           for name, shape, dtype in h["tensors"]}
                 size = sum(math.prod(s) * d.itemsize for s, d in shapes.values())
-                if p.stat().st_size != f.tell() + size:
-                    raise ValueError(f"{p.stat().st_size} bytes, the header promises {f.tell() + size}")
+                if p.stat().st_size != f.tell() + size + digest.digest_size:
+                    raise ValueError(f"{p.stat().st_size} bytes, the header promises "
+                                     f"{f.tell() + size + digest.digest_size}")
                 if h["key"] != self.key or h["first"] != first or h["ids"][:n] != stream or \
+                        h["head_set"] != [head_set[0], [list(x) for x in head_set[1]]] or \
                         not {f"tap{t}" for t in taps} <= set(shapes):
                     print(f"   {p.name}: saved for other tokens or a shorter prefix; prefilling it again")
                     return None
@@ -297,6 +347,7 @@ class PrefixStore:
                 for name, (shape, dtype) in shapes.items():  # in file order
                     buf = torch.empty(shape, dtype=dtype)
                     f.readinto(memoryview(buf.view(torch.uint8).numpy()))
+                    digest.update(memoryview(buf.view(torch.uint8).numpy()))
                     if name.startswith("tap"):
                         out[int(name[3:])] = buf[:, :n]
                         continue
@@ -307,7 +358,9 @@ class PrefixStore:
                         store[layer] = torch.empty(B, heads, cache.max_len, d, dtype=buf.dtype,
                                                    device=device)
                     store[layer][:, :, :n] = buf[:, :, :n]
-        except Exception as e:  # torn or foreign: a cache, so recompute it
+                if f.read() != digest.digest():
+                    raise ValueError("its data does not match the sha256 it was saved with")
+        except Exception as e:  # torn, damaged or foreign: a cache, so recompute it
             warnings.warn(f"{p} is damaged ({type(e).__name__}: {e}); prefilling it again")
             p.unlink(missing_ok=True)
             return None
@@ -316,12 +369,16 @@ class PrefixStore:
         return {t: list(out[t].split(chunk or n, dim=1)) for t in taps}
 
     def clear(self):
-        """The setting is complete: delete its saved prefixes (and the folder, when nothing else is left in it)."""
+        """The setting is complete: delete its saved prefixes, and the folder when the store created it (it holds
+        the store's own .gitignore) and nothing else is left in it."""
         if self.folder is None or not self.folder.is_dir():
             return
         for p in self.folder.glob(f"{self.tag}_*.kv"):
-            p.unlink()
-        if not [p for p in self.folder.iterdir() if p.name != ".gitignore"]:
+            if p.is_file():
+                p.unlink()
+        ignore = self.folder / ".gitignore"
+        if [p.name for p in self.folder.iterdir()] == [".gitignore"] and ignore.is_file() and \
+                ignore.read_text() == self.IGNORE:
             shutil.rmtree(self.folder)
 
 

@@ -1,6 +1,7 @@
 """nih/cli.py: every flag checked before any model work; a bad command line exits 2 naming the flag or file and
 leaves nothing behind."""
 
+import os
 import re
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def _bad_inputs(tmp_path):
     binary.write_bytes(bytes(range(256)) * 4)
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # would block whoever opened it
     garbage = tmp_path / "garbage"
     garbage.mkdir()
     (garbage / "results.jsonl").write_text('{"cell": "1"}\nnot json\n{"cell": "2"}\n')
@@ -77,7 +80,10 @@ def _bad_inputs(tmp_path):
         (m + ["--depths", "0"], 2, "--depths"), (m + ["--device", "cuda"], 2, "no CUDA device"),
         (m + ["--out", str(a_file)], 2, "a-file is a file, not a folder"),
         (m + ["--prefix-cache", str(a_file)], 2, "--prefix-cache .*a-file is a file, not a folder"),
-        (["--summarize", str(garbage)], "error", r"garbage/results.jsonl, line 2: not a JSON record"),
+        (m + ["--prefix-cache", str(fifo)], 2, "--prefix-cache .*fifo is a FIFO or a socket, not a folder"),
+        (m + ["--out", str(fifo)], 2, "--out .*fifo is a FIFO or a socket, not a folder"),
+        (["--summarize", str(garbage)], "error", r"garbage/results.jsonl, line 1: not a record of this experiment "
+                                                 r"\(no 'model' field\)"),
         (m + ["--earlier", str(binary)], 2, "--earlier only adds to a --summarize"),
         (["--summarize", str(garbage.parent), "--earlier", str(tmp_path / "no.md")], 2, "no.md: no such file"),
     ]

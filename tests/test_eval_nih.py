@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -350,3 +351,196 @@ def test_the_experiment_through_transformers_gives_the_same_answers(tmp_path):
     assert all(abs(a["logprob"] - b["logprob"]) < 1e-4 for a, b in zip(mine, theirs))
     assert all(r["first_layer"] == 0 for r in theirs) and any(r["first_layer"] > 0 for r in mine)
     assert {r["cell"] for r in mine}.isdisjoint(r["cell"] for r in theirs)  # keyed apart
+
+
+def test_yarn_and_self_extend_run_as_methods_with_parameters_fixed_by_the_setting(tmp_path, capsys):
+    """--variant yarn,selfextend: each is a method of its own (role extension, its parameters in the record's rule:
+    YaRN's factor is the setting's NTK factor, Self-Extend's group and window the flag's), judged against the
+    baseline in the summary; parameters that cannot work are usage errors naming them, before any prompt runs."""
+    argv = ["--model", str(ensure_weights("smollm2")), "--len", "600", "--depths", "2", "--max-new-tokens", "6",
+            "--variant", "none,yarn,selfextend", "--ntk", "2", "--self-extend", "4,64", "--out", str(tmp_path)]
+    rows = run(parse_args(argv))
+    assert [(r["method"], r["role"]) for r in rows[:3]] == [("none", "baseline"), ("yarn", "extension"),
+                                                             ("selfextend", "extension")]
+    assert rows[1]["rule"] == {"factor": 2.0} and rows[2]["rule"] == {"group": 4, "window": 64}
+    assert all(r["heads"] == [] and r["first_layer"] == 0 for r in rows[1:3])
+    text = (tmp_path / "summary.md").read_text()
+    assert "YaRN: " in text and "Self-Extend: " in text and "| yarn | extension |" in text
+    assert not list(tmp_path.glob("calib_*"))  # no DoPE variant: nothing to calibrate
+    base = argv[:argv.index("--ntk")] + ["--out", str(tmp_path / "bad")]
+    for more, msg in ((["--ntk", "none", "--self-extend", "4,64"], "YaRN's factor is the context multiple"),
+                      (["--ntk", "2", "--self-extend", "4,600"], "window W=600 is not smaller than the 600-token"),
+                      (["--ntk", "2", "--self-extend", "4,6"], "must be a multiple of its group G=4")):
+        with pytest.raises(SystemExit):
+            run(parse_args(base + more))
+        assert msg in capsys.readouterr().err, more
+    assert not (tmp_path / "bad").exists()  # refused before any prompt: nothing left behind
+    for more, msg in ((["--engine", "transformers"], "runs on model.py only"),
+                      (["--variant", "none,parts"], "--self-extend sets the group and window of --variant selfextend")):
+        with pytest.raises(SystemExit):
+            parse_args(argv + more)
+        assert msg in capsys.readouterr().err, more
+
+
+# -----------------------------------------------------------------------------
+# Inputs and faults that can never cost a result, on a tiny random model with SmolLM2's tokenizer (a run in seconds)
+
+
+def tiny_folder(path, manifest=False, vocab=49152):
+    """A model folder eval_nih can run: 2 layers of width 32, random weights, SmolLM2's vocabulary and tokenizer;
+    with manifest, finished as setup_weights.py finishes one (MANIFEST.json last)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from model import Config, Transformer
+    from tools.setup_weights import MODELS, write_manifest
+
+    hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+          "max_position_embeddings": 8192, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(hf))
+    torch.manual_seed(0)
+    m = Transformer(Config.from_hf(hf))
+    save_file({f"model.{k}": v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"},
+              path / "model.safetensors")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ensure_weights("smollm2") / name, path / name)
+    if manifest:
+        write_manifest(path, MODELS["smollm2"], "bf16")
+    return path
+
+
+def tiny_argv(model, out, *more):
+    return ["--model", str(model), "--len", "300", "--depths", "2", "--variant", "none", "--max-new-tokens", "3",
+            "--device", "cpu", "--out", str(out), *more]
+
+
+def overwrite_4k(folder):
+    p = folder / "model.safetensors"
+    with open(p, "r+b") as f:
+        f.seek(p.stat().st_size - 8192)
+        f.write(b"\x55" * 4096)
+    return folder
+
+
+def symlinked(folder):
+    (folder.parent / "link").symlink_to(overwrite_4k(folder))
+    return folder.parent / "link"
+
+
+def edit(folder, name, old, new):
+    (folder / name).write_text((folder / name).read_text().replace(old, new))
+    return folder
+
+
+# (id, the folder given to --model, regex of the one-line error)
+BAD_MODELS = [
+    ("4 KiB of the weights overwritten, manifest present", lambda t: overwrite_4k(tiny_folder(t / "m", True)),
+     r"m does not match its MANIFEST\.json: model\.safetensors has sha256"),
+    ("the same through a symlink", lambda t: symlinked(tiny_folder(t / "m", True)),
+     r"link does not match its MANIFEST\.json: model\.safetensors"),
+    ("head count edited, shapes agree (8 of 4, not 4 of 8)", lambda t: edit(tiny_folder(t / "m", True), "config.json",
+                                                                             '"num_attention_heads": 4, "num_key_value_'
+                                                                             'heads": 2, "head_dim": 8',
+                                                                             '"num_attention_heads": 8, "num_key_value_'
+                                                                             'heads": 4, "head_dim": 4'),
+     r"config\.json has sha256 .* \(damaged or edited\)"),
+    ("chat template edited, manifest present", lambda t: edit(tiny_folder(t / "m", True), "tokenizer_config.json",
+                                                              "You are a helpful", "You are a harmful"),
+     r"tokenizer_config\.json has sha256"),
+    ("tensors that do not fit config.json", lambda t: edit(tiny_folder(t / "m"), "config.json",
+                                                           '"intermediate_size": 64', '"intermediate_size": 48'),
+     r"m does not match its config: mis-shaped: layers\.0\.mlp"),
+    ("a tokenizer of a larger vocabulary", lambda t: tiny_folder(t / "m", vocab=1000),
+     r"tokenizer\.json has 49152 token ids but the model's vocab_size is 1000: this tokenizer does not belong"),
+]
+
+
+@pytest.mark.parametrize("folder, message", [r[1:] for r in BAD_MODELS], ids=[r[0] for r in BAD_MODELS])
+def test_any_model_folder_is_checked_before_model_work(tmp_path, capsys, folder, message):
+    """Every --model, not only the default one, is checked against its manifest (and its tokenizer against its
+    config) before any prompt runs: one line naming the file, exit 2, nothing written."""
+    with pytest.raises(SystemExit) as e:
+        eval_nih.main(tiny_argv(folder(tmp_path), tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(message, err) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_edited_chat_template_reruns_every_cell(tmp_path):
+    """A folder without a manifest has its tokenizer in the records' identity: the same weights with an edited chat
+    template rerun into the old --out compute every cell again (not the old numbers), and the summary keeps the two
+    runs apart."""
+    model = tiny_folder(tmp_path / "m")
+    first = run(parse_args(tiny_argv(model, tmp_path / "out")))
+    edit(model, "tokenizer_config.json", "You are a helpful", "You are a harmful")
+    second = run(parse_args(tiny_argv(model, tmp_path / "out")))
+    assert len(first) == len(second) == 2 and not {r["cell"] for r in first} & {r["cell"] for r in second}
+    assert len(records.load_done(tmp_path / "out" / "results.jsonl")) == 4
+    assert "These records come from 2 runs" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_full_disk_ends_in_one_line_and_the_rerun_resumes(tmp_path, capsys, monkeypatch):
+    """ENOSPC (simulated: the flush of the second record to disk fails) ends the run in one line naming the file,
+    the first record kept whole and no half of the second; the same command then computes only the second."""
+    import errno
+    import os
+
+    fsync, calls = os.fsync, []
+
+    def full_at_the_second(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("results.jsonl"):
+            calls.append(fd)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_at_the_second)
+    with pytest.raises(SystemExit) as e:
+        eval_nih.main(tiny_argv(tiny_folder(tmp_path / "m"), tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("error") == 1, err
+    err = err.strip().splitlines()[-1]  # the line after the progress bar
+    assert re.search(r"No space left on device: '.*results\.jsonl'; the 1 finished record in .* is kept", err), err
+    assert len(records.load_done(tmp_path / "out" / "results.jsonl")) == 1
+    assert (tmp_path / "out" / "results.jsonl").read_text().count("\n") == 1
+    monkeypatch.undo()
+    rows = run(parse_args(tiny_argv(tmp_path / "m", tmp_path / "out")))
+    assert len(rows) == 2 and len(records.load_done(tmp_path / "out" / "results.jsonl")) == 2
+
+
+def test_a_second_run_into_the_same_out_is_refused_naming_the_first(tmp_path):
+    model = tiny_folder(tmp_path / "m")
+    (tmp_path / "out").mkdir()
+    with records.locked(tmp_path / "out"):
+        with pytest.raises(SystemExit, match=r"out is in use by eval_nih\.py pid \d+ on .*: one run per --out"):
+            eval_nih.main(tiny_argv(model, tmp_path / "out"))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_every_setting_of_the_folder_stays_in_its_summary(tmp_path):
+    """Two commands (two lengths) into one --out: summary.md holds both settings, not only the last command's."""
+    model = tiny_folder(tmp_path / "m")
+    run(parse_args(tiny_argv(model, tmp_path / "out")))
+    run(parse_args(tiny_argv(model, tmp_path / "out", "--len", "320")))
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "300 tokens" in text and "320 tokens" in text and "pooled over 2 settings" in text
+
+
+def test_prompts_that_cannot_be_built_as_asked_are_refused(tmp_path, capsys, tok):
+    """A haystack without sentence ends puts every needle at the same place: the run is refused (the summary would
+    report depths that were not run), as a chat template that puts the key before the haystack is."""
+    hay = tmp_path / "hay.txt"
+    hay.write_text("grass and sky and sun and wind " * 40)
+    with pytest.raises(SystemExit) as e:
+        eval_nih.main(tiny_argv(tiny_folder(tmp_path / "m"), tmp_path / "out", "--haystack-file", str(hay)))
+    assert e.value.code == 2 and "depths 0%, 100% all put the needle at token" in capsys.readouterr().err
+    import copy
+
+    first = copy.copy(tok)  # a template that shows the end of the message (the question) first
+    first.config = dict(tok.config, chat_template="{{ messages[0]['content'][-80:] }} {{ messages[0]['content'] }}")
+    with pytest.raises(ValueError, match="renders the question's key before the haystack"):
+        PromptBuilder(first).build(300, 0.5, "the blue whale", "1234567")

@@ -2,6 +2,8 @@
 from their own fields by today's code (a change that would orphan them fails here)."""
 
 import json
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -16,17 +18,24 @@ RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 COMMITTED = sorted(RESULTS.glob("**/results.jsonl"))
 
 
+def record(cell, **fields):
+    """A record as run_setting writes one, the fields report.py and a resumed run read (its cell: any name)."""
+    return dict(cell=cell, model="m", model_id="0123456789abcdef", length=512, noisy=0, depth=0.5, trial=0,
+                method="none", variant="none", role="baseline", rule=None, heads=[], expected="1234567",
+                answer=" 1234567.", score=1, logprob=-0.25, prefill_seconds=1.0) | fields
+
+
 def test_records_torn_last_line_is_dropped_and_garbage_is_named(tmp_path):
     f = tmp_path / "results.jsonl"
-    good = [json.dumps({"cell": str(i), "x": i}) for i in range(3)]
+    good = [json.dumps(record(str(i))) for i in range(3)]
     f.write_text("\n".join(good) + "\n" + good[0][:9])
     with pytest.warns(UserWarning, match=r"results.jsonl, line 4: a torn last line"):
         assert list(records.load_done(f)) == ["0", "1", "2"]
     assert f.read_text() == "\n".join(good) + "\n"  # truncated back to the last whole record
-    records.append_record(f, {"cell": "3"})
+    records.append_record(f, record("3"))
     assert list(records.load_done(f)) == ["0", "1", "2", "3"]
     f.write_text(good[0] + "\n[1, 2]\n" + good[1] + "\n")
-    with pytest.raises(SystemExit, match=r"line 2: not a JSON record"):
+    with pytest.raises(SystemExit, match=r"line 2: not a record of this experiment \(a JSON list, not an object\)"):
         records.load_done(f)
     f.write_bytes(b"\xff\xfe garbage\n")  # a finished line that is not a record: not a torn write
     with pytest.raises(SystemExit, match=r"line 1: not a JSON record"):
@@ -101,3 +110,147 @@ class RecordedHeads:
 
     def heads(self, rule):
         return self.by_rule[json.dumps(eval_nih.as_recorded(rule), sort_keys=True)]
+
+
+# --------------------------------------------------------------------------
+# A record means what it says: bad ones are named by file and line, never used
+
+
+def real_record(**fields):
+    """The first committed record (a real cell), with fields changed."""
+    return read(COMMITTED[0])[0] | fields
+
+
+def without(name):
+    r = real_record()
+    del r[name]
+    return r
+
+
+# (id, the bad line, regex of the message: the fault, after "results.jsonl, line 2: not a record ...")
+BAD_RECORDS = [
+    ("logprob a string", real_record(logprob="-0.5"), r"'logprob' is '-0\.5', not int or float"),
+    ("no score", without("score"), r"no 'score' field"),
+    ("cell a list", real_record(cell=[1, 2]), r"'cell' is \[1, 2\], not str"),
+    ("score a bool", real_record(score=True), r"'score' is True, not int"),
+    ("score 2", real_record(score=2), r"'score' is 2, not 0 or 1"),
+    ("score its answer contradicts", real_record(score=1 - real_record()["score"]),
+     r"'score' is [01] but the answer .* (holds|lacks) the expected"),
+    ("logprob above 0", real_record(logprob=0.5), r"'logprob' is 0\.5, not a log-probability"),
+    ("logprob nan", real_record(logprob=float("nan")), r"'logprob' is nan"),
+    ("unknown role", real_record(role="judge"), r"'role' is 'judge', not one of baseline"),
+    ("model_id edited", real_record(model_id="0000000000000000"), r"'model_id' is '0000000000000000' but its cell "
+                                                                  r"says 'ea2f04aebc6416e8' \(edited\?\)"),
+    ("depth edited", real_record(depth=0.3), r"'depth' is 0\.3 but its cell says 1\.0"),
+    ("method edited", real_record(method="parts/asc"), r"'method' is 'parts/asc' but its cell says 'none'"),
+    ("a JSON list", [1, 2], r"a JSON list, not an object"),
+]
+
+
+@pytest.mark.parametrize("bad, message", [r[1:] for r in BAD_RECORDS], ids=[r[0] for r in BAD_RECORDS])
+def test_a_bad_record_is_named_by_file_and_line_by_a_run_and_by_summarize(tmp_path, capsys, bad, message):
+    """load_done (a run's resume) and --summarize refuse a folder holding a record that is not what run_setting
+    writes, naming the file, the line and the fault, not with a bare TypeError/KeyError; nothing is modified."""
+    f = tmp_path / "results.jsonl"
+    f.write_text(json.dumps(real_record()) + "\n" + json.dumps(bad) + "\n")
+    before = f.read_bytes()
+    for read_it in (lambda: records.load_done(f), lambda: eval_nih.main(["--summarize", str(tmp_path), "--out",
+                                                                        str(tmp_path / "sum")])):
+        with pytest.raises(SystemExit) as e:
+            read_it()
+        assert re.search(r"results\.jsonl, line 2: not a record of this experiment \(" + message, str(e.value.code)), \
+            e.value.code
+    assert f.read_bytes() == before and not (tmp_path / "sum").exists()
+
+
+def test_every_committed_record_passes_the_check():
+    for path in COMMITTED:
+        for i, r in enumerate(read(path), start=1):
+            assert records.check_record(r) is None, (path, i, records.check_record(r))
+
+
+def test_the_packaged_models_identity_is_unchanged_and_a_foreign_tokenizer_enters_it(tmp_path):
+    """A folder whose manifest vouches for its tokenizer adds nothing to the identity (the packaged SmolLM2: the
+    committed records keep their cells); the same files without a manifest add their tokenizer's digest, and an
+    edited chat template gives another digest, hence other cells."""
+    import shutil
+
+    from tools.setup_weights import ensure_weights
+
+    smol = ensure_weights("smollm2")
+    assert records.model_id(smol) == "ea2f04aebc6416e8" and records.tokenizer_id(smol) is None
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smol / name, copy / name)
+    t1 = records.tokenizer_id(copy)
+    tc = copy / "tokenizer_config.json"
+    tc.write_text(tc.read_text().replace("You are a helpful", "You are a harmful"))
+    t2 = records.tokenizer_id(copy)
+    assert t1 and t2 and t1 != t2
+    args = parse_args([])
+    assert "tokenizer" not in identity(args, "m", "hay", None) and identity(args, "m", "hay", None, t1)["tokenizer"] == t1
+
+
+def test_a_write_that_fails_leaves_no_half_record_and_names_the_file(tmp_path, monkeypatch):
+    """append_record on a full disk (ENOSPC from the flush to disk, simulated): the line is cut off again, the error
+    names the file, and the records before it are intact (a file it created is not left empty)."""
+    import errno
+    import os
+
+    f = tmp_path / "results.jsonl"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*results\.jsonl'"):
+        records.append_record(f, record("0"))
+    assert not f.exists()
+    monkeypatch.undo()
+    records.append_record(f, record("0"))
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="results.jsonl"):
+        records.append_record(f, record("1"))
+    monkeypatch.undo()
+    assert list(records.load_done(f)) == ["0"] and f.read_text().count("\n") == 1
+
+
+def test_one_run_per_out_folder(tmp_path):
+    """records.locked: a second holder is refused naming the first (here a process that holds the lock as a run
+    does); once that process is killed (SIGKILL: no cleanup) the folder is free again, and a finished run leaves no
+    lock file behind."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'eval_nih.py pid 4242 on elsewhere'); print('locked', "
+            "flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=r"in use by eval_nih\.py pid 4242 on elsewhere: one run per --out"):
+            with records.locked(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with records.locked(tmp_path):
+        with pytest.raises(SystemExit, match=rf"in use by eval_nih\.py pid {os.getpid()} "):
+            with records.locked(tmp_path):
+                pass
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
+    """write_atomic's .<name>.<pid>.tmp of a process that no longer runs is deleted; a live writer's is kept."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = tmp_path / f".calib.json.{dead.stdout.strip()}.tmp", tmp_path / f".calib.json.{os.getpid()}.tmp"
+    stale.write_bytes(b"x" * 100)
+    live.write_bytes(b"x")
+    records.remove_stale_temporaries(tmp_path)
+    assert not stale.exists() and live.exists()

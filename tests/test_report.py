@@ -249,3 +249,100 @@ def test_power_projection_at_more_prompts_uses_the_observed_rates():
     assert "| parts/asc | 11 | none |" in "\n".join(lines) and not any("random0" in x for x in lines)
     with pytest.raises(SystemExit, match="of one setting"):
         report.power_projection(rows + rows_for({"none": [1]}, length=8192), [11])
+
+
+# --------------------------------------------------------------------------
+# --summarize reports what was run: never pairs or pools records of different identities, never modifies its input
+
+COMMITTED_24K = Path(__file__).resolve().parents[1] / "docs" / "results" / "regime" / "24k" / "results.jsonl"
+
+
+def committed(n=None):
+    rows = [json.loads(line) for line in COMMITTED_24K.read_text().splitlines()]
+    return [r for r in rows if r["method"] == "none"][:n]
+
+
+def with_ident(r, **change):
+    """The record as the same run with other flags would have written it (its cell names them)."""
+    ident, *key = json.loads(r["cell"])
+    fields = {"ntk_factor": change["ntk"]} if "ntk" in change else {}
+    return r | fields | {"cell": json.dumps([ident | change, *key], sort_keys=True)}
+
+
+def titles(folder):
+    return [line for line in (folder / "summary.md").read_text().splitlines() if line.startswith("#")]
+
+
+def test_records_of_different_identities_are_summarized_apart_and_say_so(tmp_path):
+    """Two runs at one length in one folder (--ntk 3 and --ntk 2; float32 and bfloat16): each is its own run with
+    its own tables and pictures, said in the summary, and a table counts its own prompts (not the pairs of both)."""
+    base = committed(4)
+    for name, other in (("ntk", [with_ident(r, ntk=2.0) | {"logprob": r["logprob"] - 1} for r in base]),
+                        ("dtype", [with_ident(r, dtype="bfloat16") | {"dtype": "bfloat16"} for r in base])):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base + other))
+        report.summarize_dirs([d], d / "sum")
+        text = (d / "sum" / "summary.md").read_text()
+        assert "These records come from 2 runs that differ in what moves a token or a logit" in text
+        heads = titles(d / "sum")
+        assert heads[0].startswith("## Run 1: ") and heads[2].startswith("## Run 2: ") and name in heads[0], heads
+        assert [h.split(": ")[-1] for h in heads if h.startswith("###")] == ["4 prompts (4 depths x 1 needles)"] * 2
+        assert "pooled over" not in text
+        assert sorted(p.name for p in (d / "sum").glob("*.png")) == ["heatmap_noisy0_run1.png",
+                                                                     "heatmap_noisy0_run2.png"]
+
+
+def test_one_identity_keeps_its_summary_and_a_folder_given_twice_counts_once(tmp_path):
+    base = committed(4)
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base))
+    report.summarize_dirs([d, d], tmp_path / "sum")
+    assert titles(tmp_path / "sum") == [
+        "### SmolLM2-135M-Instruct, 24576 tokens (3x native), noisy=0: 4 prompts (4 depths x 1 needles)"]
+
+
+def test_summarize_reads_without_modifying_what_it_reads(tmp_path):
+    """A torn last line is skipped with a warning, not cut off, and a last line without its newline is not
+    completed: the files --summarize reads keep every byte and their mtime (a read-only folder would work)."""
+    import os
+
+    rows = committed(3)
+    torn, whole = tmp_path / "torn", tmp_path / "whole"
+    for d, tail in ((torn, '{"cell": "x", "trunc'), (whole, json.dumps(rows[2]))):
+        d.mkdir()
+        (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + tail)
+    before = {d: ((d / "results.jsonl").read_bytes(), os.stat(d / "results.jsonl").st_mtime_ns) for d in (torn, whole)}
+    with pytest.warns(UserWarning, match=r"torn/results\.jsonl, line 3: a torn last line"):
+        report.summarize_dirs([torn, whole], tmp_path / "sum")
+    assert {d: ((d / "results.jsonl").read_bytes(), os.stat(d / "results.jsonl").st_mtime_ns)
+            for d in (torn, whole)} == before
+
+
+def test_a_record_whose_model_name_differs_shows_both_names(tmp_path):
+    """The model name is not in a cell (the same weights in a renamed folder are the same model), so an edited name
+    cannot be told from a rename: the title names every name the records give, never only the edited one."""
+    rows = committed(2)
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / "results.jsonl").write_text(json.dumps(rows[0] | {"model": "GPT-5"}) + "\n" + json.dumps(rows[1]) + "\n")
+    report.summarize_dirs([d], tmp_path / "sum")
+    assert titles(tmp_path / "sum")[0].startswith("### GPT-5 / SmolLM2-135M-Instruct, 24576 tokens")
+
+
+def test_a_picture_that_cannot_be_written_leaves_no_empty_file(tmp_path, monkeypatch):
+    """A full disk while the heatmap is drawn (simulated: savefig writes a little, then ENOSPC): the error names
+    the picture and no 0-byte or partial picture is left."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    def full(self, f, **kw):
+        f.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*heatmap_noisy0\.png'"):
+        report.summarize(committed(2), tmp_path)
+    assert list(tmp_path.iterdir()) == []

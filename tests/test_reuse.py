@@ -9,7 +9,7 @@ import torch
 
 import eval_nih
 from eval_nih import Method, PromptBuilder, parse_args
-from model import Tokenizer, Transformer
+from model import SelfExtend, Tokenizer, Transformer
 from nih.reuse import HeadSetRunner, PrefixStore, run_prompts
 from tools.setup_weights import ensure_weights
 
@@ -176,3 +176,140 @@ def test_prefill_seconds_leave_out_the_decoding(tok, smol):
     assert set(outs) == sets and all(o["prefill_seconds"] > 0 for o in outs.values())
     # the two prefills and the two 1-s decodings ran one after the other inside `wall`: counted once each, they fit
     assert sum(o["prefill_seconds"] for o in outs.values()) + 2 * 1.0 <= wall + 0.01, (outs, wall)
+
+
+EXTENSION_METHODS = [Method("none", "none", "baseline"), Method("yarn", "yarn", "extension", {"factor": 2.0}),
+                     Method("selfextend", "selfextend", "extension", {"group": 4, "window": 64})]
+
+
+def test_extensions_reuse_their_own_prefix_and_equal_a_direct_forward(tok, smol):
+    """YaRN and Self-Extend through run_prompts (each prefilling its own shared prefix, then the tails) give the
+    answer and the log p of one forward over the whole prompt with the extension set on the model directly, and
+    leave the model as it was loaded."""
+    b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
+    prompts = eval_nih.setting_prompts(b, 500, 0, parse_args(["--depths", "2", "--trials", "1"]))
+    got = run_grid(smol, tok, prompts, EXTENSION_METHODS, "prefix", max_new=6)
+    for d, t, p in prompts:
+        for m in EXTENSION_METHODS[1:]:
+            if m.variant == "yarn":
+                smol.config.rope_scaling = {"rope_type": "yarn", "factor": 2.0}
+            else:
+                smol.use_self_extend(SelfExtend(4, 64))
+            try:
+                cache, ids = smol.new_cache(1, 600), torch.tensor([p.ids])
+                logits = smol.prefill(ids, cache, chunk=len(p.ids))
+                lp = eval_nih.answer_logprob(smol, cache, logits, tok.encode(" " + p.value))
+                new = smol.generate(ids, 6, {tok.eos_id}, cache=cache, logits=logits)
+            finally:
+                smol.config.rope_scaling = None
+                smol.use_self_extend(None)
+            assert got[d, t, m.name]["new"] == new and got[d, t, m.name]["logprob"] == pytest.approx(lp, abs=1e-5)
+            assert abs(got[d, t, m.name]["logprob"] - got[d, t, "none"]["logprob"]) > 1e-4  # the extension acts
+    assert smol.config.rope_scaling is None and all(blk.self_attn.self_extend is None for blk in smol.layers)
+
+
+# --------------------------------------------------------------------------
+# Saved prefixes that can never cost a result: a damaged file or an obstacle is named and recomputed, never used
+
+
+def tiny_cache():
+    """A prefix of a tiny random model: (model, its cache after 64 tokens, the tokens)."""
+    from model import Config
+
+    torch.manual_seed(0)
+    m = Transformer(Config(vocab_size=97, n_embd=32, n_hidden=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=8,
+                           max_pos=256, tie_embeddings=False)).eval()
+    stream = list(range(1, 65))
+    cache = m.new_cache(1, 128)
+    m.prefill(torch.tensor([stream]), cache)
+    return m, cache, stream
+
+
+def zeros_in_the_data(p):
+    with open(p, "r+b") as f:  # 2 KiB of the last layer's values, the size unchanged
+        f.seek(p.stat().st_size - 4096)
+        f.write(bytes(2048))
+
+
+def folder_instead(p):
+    p.unlink()
+    p.mkdir()
+
+
+def fifo_instead(p):
+    import os
+
+    p.unlink()
+    os.mkfifo(p)
+
+
+def edited_header(p):  # the header claims another head set
+    data = p.read_bytes()
+    p.write_bytes(data.replace(b'"head_set": ["none", []]', b'"head_set": ["all", [[]]]'))
+
+
+# (id, what is done to the saved file, regex of the warning)
+BAD_PREFIXES = [
+    ("1 KiB of zeros in the tensor data", zeros_in_the_data, r"is damaged \(ValueError: its data does not match the "
+                                                            r"sha256 it was saved with\); prefilling it again"),
+    ("truncated", lambda p: p.write_bytes(p.read_bytes()[:-100]), r"is damaged \(ValueError: \d+ bytes, the header"),
+    ("another head set in the header", edited_header, r"is damaged"),
+    ("a version-1 file", lambda p: p.write_bytes(b"DOPEKV1\n" + p.read_bytes()[8:]), r"not a saved prefix of this"),
+    ("a folder at its path", folder_instead, r"is not a file \(a folder, a FIFO or a dangling link\?\): not read"),
+    ("a FIFO at its path", fifo_instead, r"is not a file .*: not read"),
+]
+
+
+@pytest.mark.parametrize("damage, message", [r[1:] for r in BAD_PREFIXES], ids=[r[0] for r in BAD_PREFIXES])
+def test_a_damaged_saved_prefix_or_an_obstacle_is_named_and_never_used(tmp_path, damage, message):
+    """PrefixStore.load checks a file by the sha256 it ends in and by what its header claims (run, setting, head
+    set, first layer, tokens) before a number of it counts, and never opens a folder or a FIFO at its path (a FIFO
+    would block the run): each is a warning naming the file, and the prefix is computed again."""
+    m, cache, stream = tiny_cache()
+    store = PrefixStore(tmp_path / "pc", 64, 0, {"run": 1})
+    store.save(("none", ()), 0, cache, stream)
+    p = store.path(("none", ()), 0)
+    damage(p)
+    fresh = m.new_cache(1, 128)
+    with pytest.warns(UserWarning, match=message):
+        assert store.load(("none", ()), 0, fresh, stream, "cpu") is None
+    assert fresh.pos == 0 and store.has(("none", ()), 0) is False
+
+
+def test_an_intact_saved_prefix_is_loaded_bit_for_bit(tmp_path):
+    m, cache, stream = tiny_cache()
+    store = PrefixStore(tmp_path / "pc", 64, 0, {"run": 1})
+    store.save(("none", ()), 0, cache, stream)
+    fresh = m.new_cache(1, 128)
+    assert store.load(("none", ()), 0, fresh, stream, "cpu") == {} and fresh.pos == 64
+    assert all(torch.equal(a[:, :, :64], b[:, :, :64]) for a, b in zip(cache.k + cache.v, fresh.k + fresh.v))
+
+
+def test_the_store_writes_and_deletes_only_what_it_owns(tmp_path):
+    """A folder the store creates ignores itself in git and goes with its last cache; a folder that was there
+    (--prefix-cache at --out, or at a folder of one's own .gitignore) gets no .gitignore and is never deleted; the
+    temporary file of a save killed mid-write (its pid gone) is removed by the next store."""
+    import subprocess
+    import sys
+
+    m, cache, stream = tiny_cache()
+    ours = PrefixStore(tmp_path / "new", 64, 0, {"run": 1})
+    ours.save(("none", ()), 0, cache, stream)
+    assert (tmp_path / "new" / ".gitignore").read_text() == PrefixStore.IGNORE
+    ours.clear()
+    assert not (tmp_path / "new").exists()
+    for name, mine in (("out", {"results.jsonl": "{}\n"}), ("rules", {".gitignore": "my rules\n"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f, text in mine.items():
+            (folder / f).write_text(text)
+        store = PrefixStore(folder, 64, 0, {"run": 1})
+        store.save(("none", ()), 0, cache, stream)
+        store.clear()
+        assert {p.name: p.read_text() for p in folder.iterdir()} == mine
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / "new" / f".{ours.path(('none', ()), 0).name}.{dead.stdout.strip()}.tmp"
+    killed.parent.mkdir()
+    killed.write_bytes(bytes(1000))
+    PrefixStore(tmp_path / "new", 64, 0, {"run": 1})
+    assert not killed.exists()
