@@ -347,6 +347,20 @@ class GramAccumulator:
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. Glue: one chunked prefill over a calibration prompt
 
+def one_prompt(model, tokens, device=None) -> torch.Tensor:
+    """tokens (T,) or (1, T) as a (1, T) tensor on `device` (default: the device of the model's parameters, if it
+    has any); anything else is a ValueError naming the shape."""
+    if device is None:
+        device = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        device = getattr(device, "device", None)
+    tokens = torch.as_tensor(tokens, device=device)
+    if tokens.ndim == 1:
+        tokens = tokens[None]  # (1, T)
+    if tokens.ndim != 2 or tokens.shape[0] != 1:
+        raise ValueError(f"tokens must be (T,) or (1, T), got {tuple(tokens.shape)}")
+    return tokens
+
+
 def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="none", progress=True,
                 gram_dtype=torch.float64, device=None, gram_rows=None):
     """Run one chunked prefill of `tokens` through `model` and return its Grams: dict criterion -> (L, H, d, d).
@@ -365,13 +379,7 @@ def score_model(model, tokens, *, criteria=CRITERIA, chunk=2048, preprocess="non
     """
     from tqdm.auto import tqdm
 
-    if device is None:
-        device = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-        device = getattr(device, "device", None)
-    tokens = torch.as_tensor(tokens, device=device)
-    if tokens.ndim == 1:
-        tokens = tokens[None]  # (1, T)
-    assert tokens.ndim == 2 and tokens.shape[0] == 1, f"tokens must be (T,) or (1, T), got {tuple(tokens.shape)}"
+    tokens = one_prompt(model, tokens, device)
     T = tokens.shape[1]
     if isinstance(chunk, bool) or not isinstance(chunk, Integral) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1 (tokens per forward), got chunk={chunk!r}")
@@ -526,14 +534,7 @@ def attention_probe(model, tokens, queries=None, *, chunk=2048, progress=False, 
     """
     from tqdm.auto import tqdm
 
-    if device is None:
-        device = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-        device = getattr(device, "device", None)
-    tokens = torch.as_tensor(tokens, device=device)
-    if tokens.ndim == 1:
-        tokens = tokens[None]  # (1, T)
-    if tokens.ndim != 2 or tokens.shape[0] != 1:
-        raise ValueError(f"tokens must be (T,) or (1, T), got {tuple(tokens.shape)}")
+    tokens = one_prompt(model, tokens, device)
     T = tokens.shape[1]
     if queries is None:
         queries = range(max(0, T - 32), T)

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from model import check_folder, sha256_files
+from tools.setup_weights import pid_alive
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what model.Tokenizer reads
 
@@ -198,16 +199,6 @@ def remove_stale_temporaries(folder: Path):
         pid = p.name.rsplit(".", 2)[-2]
         if pid.isdigit() and not pid_alive(int(pid)) and p.is_file():
             p.unlink(missing_ok=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but someone else's
-        pass
-    return True
 
 
 @contextmanager

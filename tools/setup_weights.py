@@ -254,7 +254,7 @@ def staging_folder(final: Path):
     final.parent.mkdir(parents=True, exist_ok=True)
     for path in final.parent.glob(f".{final.name}.partial-*"):  # left by runs killed mid-conversion (kill -9)
         pid = path.name.split("-")[-2]  # ".<name>.partial-<pid>-<random>"
-        if not (pid.isdigit() and _pid_alive(int(pid))):
+        if not (pid.isdigit() and pid_alive(int(pid))):
             shutil.rmtree(path, ignore_errors=True)
     for path in final.parent.glob(f".{final.name}.old-*"):
         shutil.rmtree(path, ignore_errors=True)
@@ -277,7 +277,7 @@ def staging_folder(final: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
