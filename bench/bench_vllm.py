@@ -5,11 +5,14 @@ python (`bash .ci/vllm_env` makes it and prints it):
 
     $(bash .ci/vllm_env) -m bench.bench_vllm       # SmolLM2 fp32, 4 prompts x 128 tokens, 32 new, median of 3
     $(bash .ci/vllm_env) -m bench.bench_vllm --model weights/Qwen2.5-Coder-0.5B-Instruct-fp32 --new 16
+    $(bash .ci/vllm_env) -m bench.bench_vllm --grid  # the experiment's short grid: eval_nih.py on each engine
 
 model.py decodes one prompt at a time (its generate() takes one sequence); vLLM answers the prompts one at a time and
 as one batch. Repeats are interleaved (model.py, vLLM one by one, vLLM batched, ...) so that machine noise hits all of
 them alike, and vLLM's prefix cache is emptied before each of its runs, so that it recomputes every prompt as
-model.py does. ratio = model.py seconds / vLLM seconds (above 1: vLLM is faster). The DoPE heads are the k lowest
+model.py does. ratio = model.py seconds / vLLM seconds (above 1: vLLM is faster). --grid times whole eval_nih.py commands instead
+(the short grid of tests/test_vllm_dope.py, each run into a fresh --out, so that the model loads, the calibration and
+every cell are counted), --engine model against --engine vllm, interleaved, and compares their records. The DoPE heads are the k lowest
 truncated entropies of model.py's queries over the first prompt (entropy.py). Both run float32 with the same number of
 threads (OMP_NUM_THREADS, default: all cores; vLLM's CPU threads unbound).
 """
@@ -21,7 +24,11 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -45,11 +52,47 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=4, help="heads denoised in the DoPE runs")
     p.add_argument("--variant", default="parts", choices=["parts", "all", "gaussian"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--grid", action="store_true",
+                   help="time the experiment instead: eval_nih.py on the short grid with each engine")
+    p.add_argument("--grid-args", default="--len 600 --depths 3 --variant none,all --random-sets 1 "
+                   "--max-new-tokens 10", help="eval_nih.py's flags for --grid (default: %(default)s)")
     return p.parse_args(argv)
+
+
+def grid(a):
+    """eval_nih.py --engine model against --engine vllm on one short grid: whole commands, interleaved, a fresh --out
+    each time; medians, the ratio and how far the engines' records differ."""
+    argv = [sys.executable, str(ROOT / "eval_nih.py"), "--model", a.model, *a.grid_args.split()]
+    times, records = {"model": [], "vllm": []}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(a.repeats):
+            for engine in times:
+                out = Path(tmp) / f"{engine}{i}"
+                t = time.perf_counter()
+                done = subprocess.run([*argv, "--engine", engine, "--out", str(out)], cwd=ROOT, capture_output=True,
+                                      text=True)
+                times[engine].append(time.perf_counter() - t)
+                if done.returncode:
+                    raise SystemExit(f"eval_nih.py --engine {engine} exited with {done.returncode}:\n"
+                                     f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
+                lines = (out / "results.jsonl").read_text().splitlines()
+                records[engine] = {(r["depth"], r["trial"], r["method"]): r for r in map(json.loads, lines)}
+    mine, theirs = records["model"], records["vllm"]
+    same = sum(theirs[c]["answer"] == r["answer"] for c, r in mine.items() if c in theirs)
+    dlp = max((abs(theirs[c]["logprob"] - r["logprob"]) for c, r in mine.items() if c in theirs), default=float("nan"))
+    med = {e: statistics.median(t) for e, t in times.items()}
+    print(f"eval_nih.py {a.grid_args} on {Path(a.model).name}, {len(mine)} cells, whole commands (loading, "
+          f"calibration, every cell), median of {a.repeats}, {os.environ['OMP_NUM_THREADS']} threads")
+    print(f"  --engine model {med['model']:.1f} s [{min(times['model']):.1f}, {max(times['model']):.1f}], "
+          f"--engine vllm {med['vllm']:.1f} s [{min(times['vllm']):.1f}, {max(times['vllm']):.1f}]: ratio "
+          f"{med['model'] / med['vllm']:.2f} (model.py s / vLLM s)")
+    print(f"  the same answer in {same} of {len(mine)} cells; log p within {dlp:.1e}")
 
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.grid:
+        return grid(a)
     from engines.vllm_dope import VllmDope  # vllm: only with the vLLM environment's python
 
     model = Transformer.from_pretrained(a.model, dtype=torch.float32)

@@ -5,6 +5,7 @@ H100-class GPU, and writes everything it measured to one file.
     python -m bench.gpu_check                   # every step below; writes results/gpu_check.json
     python -m bench.gpu_check --dry-run         # print the steps and their commands, run nothing
     python -m bench.gpu_check --only parity,nih_64k
+    python -m bench.gpu_check --only nih_4x --budget 560   # the 4x run of docs/RESULTS.md in bf16 (only on request)
     python -m bench.gpu_check --estimate        # the FLOP/byte estimates of docs/PERFORMANCE.md (no GPU needed)
 
 Each step runs in its own process under a time limit; a failing step does not stop the next. The packaged SmolLM2
@@ -46,10 +47,14 @@ class Step:
     command: list
     limit_s: int  # at most this long, and never past the run's budget
     optional: bool = False  # runs only if at least OPTIONAL_MIN_S of the budget is left
+    on_request: bool = False  # runs only when --only names it (a run of its own, longer than the checks)
     files: dict = field(default_factory=dict)  # key -> path (relative to ROOT) read back into the report
 
 
 OPTIONAL_MIN_S = 60
+# The 4x run's flags (docs/RESULTS.md, "The 4x run with more needles"); on the CPU it goes to docs/results/regime/.
+NIH_4X = ["--len", "32k", "--noisy", "0", "--needles", "5", "--seed", "43", "--variant", "parts,gaussian,yarn,selfextend",
+          "--order", "parts:asc,parts:flat,gaussian:asc", "--random-sets", "3"]
 MIN_STEP_S = 20  # a step with less time than this left is skipped, not started
 
 
@@ -76,6 +81,11 @@ def steps(work="results/gpu_check", python=None):
              [py, "eval_nih.py", "--len", "64k", "--variant", "parts", "--device", "cuda", "--out", str(w / "nih-64k")],
              240, files={"summary": str(w / "nih-64k" / "summary.md"),
                          "results": str(w / "nih-64k" / "results.jsonl")}),
+        Step("nih_4x", "the pre-declared 4x run of docs/RESULTS.md (32K, 5 needles per depth, 12 methods) in bf16: "
+             "its records are keyed apart from the CPU run's float32 ones",
+             [py, "eval_nih.py", *NIH_4X, "--device", "cuda", "--dtype", "bfloat16", "--out", str(w / "nih-32k-needles")],
+             540, on_request=True, files={"summary": str(w / "nih-32k-needles" / "summary.md"),
+                                          "results": str(w / "nih-32k-needles" / "results.jsonl")}),
         Step("bench_model", "model.py against transformers on the GPU, 4K to 64K tokens",
              [py, "-m", "bench.bench_model", "--device", "cuda", "--lens", "4k,16k,64k", "--repeats", "3",
               "--json", str(w / "bench_model.json")], 120, optional=True,
@@ -350,11 +360,14 @@ def main(argv=None, plan=None) -> int:
     if a.estimate:
         print_estimates()
         return 0
-    todo = [s for s in (plan or steps(a.work)) if not a.only or s.name in a.only]
+    todo = [s for s in (plan or steps(a.work)) if (s.name in a.only if a.only else not s.on_request)]
     if a.dry_run:
         print(f"gpu_check would run, within {a.budget:.0f} s, writing {a.out}:")
         for s in todo:
             print(f"  {s.name} (at most {s.limit_s} s{', if time is left' if s.optional else ''}): {s.what}\n"
+                  f"    {' '.join(s.command)}")
+        for s in (s for s in (plan or steps(a.work)) if s.on_request and s not in todo):
+            print(f"  not run unless asked (--only {s.name}, at most {s.limit_s} s): {s.what}\n"
                   f"    {' '.join(s.command)}")
         return 0
     ok, name = cuda_ready()

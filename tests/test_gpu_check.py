@@ -34,6 +34,16 @@ def test_dry_run_lists_every_step(capsys):
         assert s.name in text and " ".join(s.command) in text
     assert "eval_nih.py --len 64k --variant parts --device cuda --out" in text  # the card's command
     assert "tests/test_kernels.py" in text and "bench.bench_rope" in text and "bench.bench_dope --device cuda" in text
+    assert "not run unless asked (--only nih_4x" in text  # the 4x run: listed, never part of a plain run
+
+
+def test_the_4x_run_is_the_declared_command_in_bf16_on_request_only():
+    step = next(s for s in gpu_check.steps() if s.name == "nih_4x")
+    declared = (ROOT / "docs/RESULTS.md").read_text().split("The 4x run with more needles")[1]
+    command = declared.split("```bash")[1].split("```")[0].replace("\\\n", " ").strip().splitlines()[0].split()
+    assert command[:2] == ["python", "eval_nih.py"] and command[-2] == "--out"
+    assert step.command[2:-6] == command[2:-2]  # the declared flags, in order
+    assert step.command[-6:-2] == ["--device", "cuda", "--dtype", "bfloat16"] and step.on_request
 
 
 def test_unknown_step_is_an_error(capsys):
