@@ -29,15 +29,14 @@ flag; --sweep runs a grid of rules and labels its best row as what it is, the be
 Beyond the native context the paper's static Dynamic NTK is on by default. docs/METHOD.md has the method's reading.
 
 The machinery is in nih/: reuse.py (the exact reuse), records.py (what a record is keyed on), cli.py (the flags and
-their checks), heads.py (the heads each rule picks, drawn), budget.py (cost, memory, progress).
+their checks), heads.py (the heads each rule picks, drawn; the controls' random heads; the sweep's rules), budget.py
+(cost, memory, progress).
 """
 
 import argparse
 import json
 import random
-import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,10 +44,10 @@ import torch
 
 import entropy
 from dope import VARIANTS
-from model import SelfExtend, Tokenizer, Transformer, load_safetensors, open_folder
+from model import SelfExtend, Tokenizer
 from nih import cli, records, report, vllm_cells
 from nih.budget import LayerProgress, announce_work, check_memory
-from nih.heads import report_heads, save_heads
+from nih.heads import control_heads, report_heads, rule_name, save_heads, sweep_rules
 from nih.models import describe_rope, load_model
 from nih.records import append_record, cell_id, digest, identity, load_done, model_id, tokenizer_id
 from nih.reuse import EXTENSIONS, PrefixStore, as_method, head_sets, run_prompts
@@ -178,15 +177,8 @@ def calibrate(model, builder, length, noisy, args, out: Path, ident: dict) -> di
     that hashes everything they depend on. A damaged file is reported and recomputed."""
     key = dict(ident, length=length, noisy=noisy, calib_key=CALIB_KEY, max_new_tokens=None)
     path = out / f"calib_{length}_noisy{noisy}_{digest(key)}.json"  # text: spectra, never weights or pickles
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-            if saved.get("key") == key:
-                saved["spectra"] = {c: torch.tensor(p, dtype=torch.float64) for c, p in saved["spectra"].items()}
-                return saved
-            warnings.warn(f"{path} was computed for other settings; recomputing it")
-        except Exception as e:  # a truncated or foreign file: a cache, so recompute
-            warnings.warn(f"{path} is damaged ({type(e).__name__}: {e}); recomputing it")
+    if saved := records.read_calibration(path, key):
+        return saved
     p = builder.build(length, 0.5, CALIB_KEY, needle_value(args.seed, "calib", length), noisy)
     t0 = time.time()
     with LayerProgress(model, length, 1.0, f"calibration, {length} tokens, noisy={noisy}"):
@@ -233,20 +225,6 @@ def rule_for(variant: str, args, noisy: int) -> dict:
     return base
 
 
-def rule_name(variant: str, rule: dict) -> str:
-    return f"{variant}[{rule['criterion']} {rule['metric']} r={rule['r']} k={rule['k']} {rule['order']}]"
-
-
-def control_heads(n_layer: int, n_head: int, k: int, exclude, seed, *parts) -> list:
-    """k (layer, head) pairs drawn uniformly at random among the heads not in `exclude`, reproducible from
-    (seed, *parts)."""
-    exclude = {tuple(h) for h in exclude}
-    pool = [(layer, h) for layer in range(n_layer) for h in range(n_head) if (layer, h) not in exclude]
-    if not 1 <= k <= len(pool):
-        raise ValueError(f"cannot draw {k} control heads from the {len(pool)} heads outside the selection")
-    return sorted(random.Random("|".join(map(str, (seed, "control", *parts)))).sample(pool, k))
-
-
 class Selector:
     """Spectra of one calibration -> each rule's scores (cached) and heads."""
 
@@ -269,12 +247,6 @@ def as_recorded(rule: dict) -> dict:
     """A rule as its records name it: "flat" ranks p1 whatever the metric, so it is written as what it computes,
     the spectral share lowest first (the form the committed records' cell ids hold)."""
     return dict(rule, metric="spectral", r=1, order="asc") if rule["order"] == "flat" else rule
-
-
-def sweep_rules(args):
-    return [dict(k=k, criterion=c, metric=m, r=r, order=o) for c in args.sweep_criterion for m in args.sweep_metric
-            for r in (args.sweep_r if m in ("trunc", "renorm") else [1])
-            for k in args.sweep_k for o in args.sweep_order]
 
 
 def methods_for(sel: Selector, args, n_layer: int, n_head: int, length: int, noisy: int) -> list:
@@ -361,46 +333,24 @@ def run(args):
     model_path, out = Path(args.model), Path(args.out)
     k = max([rule_for(v, args, n)["k"] for v in dope_variants(args) for n in args.noisy] or [0])
     cfg = cli.check_inputs(args, k)
-    try:
-        with torch.device("meta"):  # the files against the folder's manifest, then each tensor's shape (headers only)
-            Transformer(open_folder(model_path)).load_state_dict(load_safetensors(model_path, meta=True), assign=True,
-                                                                 where=model_path)
-        tok = Tokenizer(model_path)
-        tok.check_fits(cfg)
-    except (OSError, ValueError) as e:
-        cli.usage_error(f"--model {model_path}: " + str(e).replace("\n  ", " "))  # one line
+    tok = cli.check_model(model_path, cfg)  # before any model work: its files, shapes and tokenizer
     haystack = cli.read_haystack(args.haystack_file) if args.haystack_file else FILLER
     builder = PromptBuilder(tok, haystack, cfg.bos_token_id, args.needle, args.question, args.answer_prefix)
     model_fp, tokenizer = model_id(model_path), tokenizer_id(model_path)
-    created = not out.exists()
     results = out / "results.jsonl"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with records.locked(out):
-            records.remove_stale_temporaries(out)
-            done = load_done(results)
-            all_rows = []
-            for length in args.len:
-                model, factor = load_model(model_path, length, cfg.max_pos, args)
-                stop = stop_tokens(tok, model.config)
-                ident = identity(args, model_fp, haystack, factor, tokenizer)
-                print(f"== {model_path.name} at {length} tokens ({length / cfg.max_pos:.2f}x native {cfg.max_pos}), "
-                      f"{describe_rope(model.config, factor)}, on {args.device} in {args.dtype}")
-                for noisy in args.noisy:
-                    all_rows += run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, out,
-                                            results, done)
-            if all_rows and not args.report_heads:  # every setting the folder holds, not only this command's
-                report.summarize(list(load_done(results, repair=False).values()), out)
-    except BaseException as e:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a failed run leaves nothing behind that was not there
-        if isinstance(e, OSError):
-            kept = len(load_done(results, repair=False)) if results.is_file() else 0
-            print(f"eval_nih.py: error: {e}; the {kept} finished record{'s' * (kept != 1)} in {results} "
-                  f"{'are' if kept != 1 else 'is'} kept: free the space (or fix the permission) and run the same "
-                  "command to resume", file=sys.stderr)
-            raise SystemExit(1) from None
-        raise
+    with records.run_folder(out, results) as done:  # locked; a failed write ends in one line, every record kept
+        all_rows = []
+        for length in args.len:
+            model, factor = load_model(model_path, length, cfg.max_pos, args)
+            stop = stop_tokens(tok, model.config)
+            ident = identity(args, model_fp, haystack, factor, tokenizer)
+            print(f"== {model_path.name} at {length} tokens ({length / cfg.max_pos:.2f}x native {cfg.max_pos}), "
+                  f"{describe_rope(model.config, factor)}, on {args.device} in {args.dtype}")
+            for noisy in args.noisy:
+                all_rows += run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, out, results,
+                                        done)
+        if all_rows and not args.report_heads:  # every setting the folder holds, not only this command's
+            report.summarize(list(load_done(results, repair=False).values()), out)
     return all_rows
 
 

@@ -153,6 +153,22 @@ def check_inputs(args, k: int) -> Config:
     return c
 
 
+def check_model(path: Path, cfg: Config):
+    """The model folder before any model work: its files against its manifest, each tensor's shape against
+    config.json (headers only, on the meta device) and its tokenizer against the config. Returns the Tokenizer; a
+    fault is a usage error in one line."""
+    from model import Tokenizer, Transformer, load_safetensors, open_folder
+
+    try:
+        with torch.device("meta"):
+            Transformer(open_folder(path)).load_state_dict(load_safetensors(path, meta=True), assign=True, where=path)
+        tok = Tokenizer(path)
+        tok.check_fits(cfg)
+    except (OSError, ValueError) as e:
+        usage_error(f"--model {path}: " + str(e).replace("\n  ", " "))
+    return tok
+
+
 def read_haystack(path) -> str:
     """--haystack-file: a UTF-8 text file of real prose."""
     try:

@@ -1,14 +1,36 @@
 """
 What the detector sees in a needle-in-a-haystack run: the heads each rule picks, as JSON and on the layers x heads
-heatmap of its score, and the spectral share p1 per layer (`python eval_nih.py --report-heads`).
+heatmap of its score, and the spectral share p1 per layer (`python eval_nih.py --report-heads`); the random heads of
+the controls, and the rules of --sweep.
 """
 
 import json
 import math
+import random
 from pathlib import Path
 
 import entropy
 from nih import records
+
+
+def rule_name(variant: str, rule: dict) -> str:
+    return f"{variant}[{rule['criterion']} {rule['metric']} r={rule['r']} k={rule['k']} {rule['order']}]"
+
+
+def control_heads(n_layer: int, n_head: int, k: int, exclude, seed, *parts) -> list:
+    """k (layer, head) pairs drawn uniformly at random among the heads not in `exclude`, reproducible from
+    (seed, *parts)."""
+    exclude = {tuple(h) for h in exclude}
+    pool = [(layer, h) for layer in range(n_layer) for h in range(n_head) if (layer, h) not in exclude]
+    if not 1 <= k <= len(pool):
+        raise ValueError(f"cannot draw {k} control heads from the {len(pool)} heads outside the selection")
+    return sorted(random.Random("|".join(map(str, (seed, "control", *parts)))).sample(pool, k))
+
+
+def sweep_rules(args):
+    return [dict(k=k, criterion=c, metric=m, r=r, order=o) for c in args.sweep_criterion for m in args.sweep_metric
+            for r in (args.sweep_r if m in ("trunc", "renorm") else [1])
+            for k in args.sweep_k for o in args.sweep_order]
 
 
 def save_heads(sel, methods, length, noisy, out: Path, model_name: str):

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,6 +157,24 @@ def check_record(r) -> str | None:
     return None
 
 
+def read_calibration(path: Path, key: dict) -> dict | None:
+    """A saved calibration (its spectra as float64 tensors) if path holds one computed for `key`, else None: a file
+    of other settings, a damaged or a foreign one is reported and left to be recomputed (it is a cache)."""
+    import torch
+
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            saved["spectra"] = {c: torch.tensor(p, dtype=torch.float64) for c, p in saved["spectra"].items()}
+            return saved
+        warnings.warn(f"{path} was computed for other settings; recomputing it")
+    except Exception as e:  # a truncated or foreign file
+        warnings.warn(f"{path} is damaged ({type(e).__name__}: {e}); recomputing it")
+    return None
+
+
 def append_record(results: Path, rec: dict):
     """One line per finished cell, flushed to disk: an interruption loses at most the cell being written, and a
     write that fails (a full disk) is cut off again, so the file never ends in half a record."""
@@ -238,3 +257,26 @@ def locked(out: Path):
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)
+
+
+@contextmanager
+def run_folder(out: Path, results: Path):
+    """A run's --out: made if absent (and removed again if the run fails before writing anything into it), locked
+    for this run, cleared of killed writers' temporaries; yields the records it holds (load_done). A file that cannot
+    be written (a full disk, a permission) ends the run in one line naming it, every finished record kept."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with locked(out):
+            remove_stale_temporaries(out)
+            yield load_done(results)
+    except BaseException as e:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed run leaves nothing behind that was not there
+        if isinstance(e, OSError):
+            kept = len(load_done(results, repair=False)) if results.is_file() else 0
+            print(f"eval_nih.py: error: {e}; the {kept} finished record{'s' * (kept != 1)} in {results} "
+                  f"{'are' if kept != 1 else 'is'} kept: free the space (or fix the permission) and run the same "
+                  "command to resume", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise
