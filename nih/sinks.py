@@ -46,17 +46,20 @@ QUERIES = 32  # the last 32 positions: the question and the answer prefix
 WINDOW = 256  # the attention map and the query similarity of the picture: the first 256 positions
 
 
+def ranks(v) -> torch.Tensor:
+    """Ranks 0 .. n-1 of a tensor's values (flattened), ties sharing their mean rank."""
+    v = torch.as_tensor(v, dtype=torch.float64).flatten()
+    order = v.argsort()
+    r = torch.empty_like(v)
+    r[order] = torch.arange(len(v), dtype=torch.float64)
+    for val in v.unique():  # ties share their mean rank
+        same = v == val
+        r[same] = r[same].mean()
+    return r
+
+
 def spearman(x, y) -> float:
     """Spearman's rank correlation (average ranks for ties) of two 1-D tensors."""
-    def ranks(v):
-        v = torch.as_tensor(v, dtype=torch.float64).flatten()
-        order = v.argsort()
-        r = torch.empty_like(v)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        for val in v.unique():  # ties share their mean rank
-            same = v == val
-            r[same] = r[same].mean()
-        return r
     a, b = ranks(x), ranks(y)
     a, b = a - a.mean(), b - b.mean()
     return float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum())))
@@ -69,7 +72,7 @@ def within_layers(x, y, layers=None) -> float:
     layers = range(x.shape[0]) if layers is None else layers
 
     def centred_ranks(v):
-        r = v.argsort().argsort().double()
+        r = ranks(v)  # ties (the many heads of the lower layers with no sink at all) share their mean rank
         return r - r.mean()
     a = torch.cat([centred_ranks(x[i]) for i in layers])
     b = torch.cat([centred_ranks(y[i]) for i in layers])
@@ -175,8 +178,9 @@ def probe_calibration(model, tok, builder, grid, scores, methods, factor, ident,
         spearman_p1_sink=spearman(scores["p1"], first), spearman_p1_sink_ci=bootstrap_interval(scores["p1"], first),
         spearman_vanilla_sink=spearman(scores["vanilla"], first),
         spearman_vanilla_sink_ci=bootstrap_interval(scores["vanilla"], first),
-        spearman_h1_sink_within_layers=within_layers(scores["h1"], mass["first"]),
-        spearman_h1_sink_within_layers_ci=layer_bootstrap(scores["h1"], mass["first"]),
+        # from the table below (6 decimals), so that --plot recomputes the same number from the committed file
+        spearman_h1_sink_within_layers=within_layers(scores["h1"], head_table(mass)["first"]),
+        spearman_h1_sink_within_layers_ci=layer_bootstrap(scores["h1"], head_table(mass)["first"]),
         interval="95% percentile bootstrap over heads (2000 resamples, seed 0); within layers: over layers",
         sink_heads=float(entropy.sink_heads(mass["first"]).float().mean()), sink_threshold=entropy.SINK_THRESHOLD,
         head_sets=placed, scores={k: [[round(float(v), 6) for v in row] for row in s] for k, s in scores.items()},

@@ -253,3 +253,14 @@ def test_within_layer_rho_ignores_what_only_the_layer_explains():
     assert abs(sinks.within_layers(depth + 0.1 * x, depth + 0.1 * noise)) < 0.5
     lo, hi = sinks.layer_bootstrap(x, y, draws=200)
     assert lo == hi == pytest.approx(1.0)
+
+
+def test_within_layer_ranks_share_ties_whatever_their_order():
+    """Heads with no sink at all tie at 0: their ranks must not depend on where they stand in the layer."""
+    x = torch.tensor([[0.0, 0.0, 0.0, 1.0, 2.0], [0.0, 0.0, 0.0, 3.0, 4.0]])
+    y = torch.tensor([[5.0, 1.0, 3.0, 6.0, 7.0], [2.0, 9.0, 4.0, 10.0, 11.0]])
+    for order in ([2, 0, 1, 3, 4], [1, 2, 0, 3, 4]):  # the tied heads in other orders
+        assert sinks.within_layers(x, y) == pytest.approx(sinks.within_layers(x[:, order], y[:, order]), abs=1e-12)
+    # one layer: Spearman's rho with average ranks (0.894 here; ranks by position among the ties would give 0.7)
+    assert sinks.within_layers(x[:1], y[:1]) == pytest.approx(sinks.spearman(x[0], y[0])) == pytest.approx(0.894427)
+    assert sinks.ranks(torch.tensor([0.0, 2.0, 0.0, 0.0, 1.0])).tolist() == [1.0, 4.0, 1.0, 1.0, 3.0]
