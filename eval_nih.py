@@ -451,4 +451,5 @@ def stop_tokens(tok, cfg) -> set:
 
 
 if __name__ == "__main__":
+    cli.unwind_on_sigterm()
     main()

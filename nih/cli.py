@@ -116,6 +116,18 @@ def check_templates(needle: str, question: str, answer_prefix: str):
             raise ValueError(f"the {name} template {t!r} must contain {{{'}, {'.join(sorted(need - fields))}}}")
 
 
+def unwind_on_sigterm():
+    """A kill (SIGTERM, what `kill`, timeout and most schedulers send) unwinds the run as Ctrl-C does, so that its
+    lock file and a folder it made but never wrote to are removed; without this handler the process just dies.
+    The command line's, not the library's: it sets a process-wide handler."""
+    import signal
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
 def usage_error(msg: str):
     print(f"eval_nih.py: error: {msg}", file=sys.stderr)
     raise SystemExit(2)

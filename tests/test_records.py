@@ -254,3 +254,27 @@ def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
     live.write_bytes(b"x")
     records.remove_stale_temporaries(tmp_path)
     assert not stale.exists() and live.exists()
+
+
+def test_a_killed_run_leaves_no_lock_and_no_folder_it_made(tmp_path):
+    """SIGTERM (kill, timeout) unwinds eval_nih.py's command line as Ctrl-C does: the lock file is removed, and the
+    --out folder it made, still empty, with it; in a folder that holds records, the records stay."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from pathlib import Path; from nih import cli, records; cli.unwind_on_sigterm(); "
+            "out = Path(sys.argv[1]); keep = out / 'results.jsonl'\n"
+            "with records.run_folder(out, keep):\n    print('running', flush=True); time.sleep(60)")
+    for out, held in ((tmp_path / "new" / "out", False), (tmp_path / "old", True)):
+        if held:
+            out.mkdir()
+            records.append_record(out / "results.jsonl", record("0"))
+        run = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=RESULTS.parent.parent, stdout=subprocess.PIPE,
+                               text=True)
+        assert run.stdout.readline().strip() == "running"
+        assert (out / ".lock").exists()
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=30) == 128 + signal.SIGTERM
+        assert not (out / ".lock").exists()
+        assert out.exists() == held and (not held or list(records.load_done(out / "results.jsonl")) == ["0"])
