@@ -28,9 +28,9 @@ with --noisy, by-all uses key, post_ntk, r = 8, 1 head, descending (its noisy-64
 flag; --sweep runs a grid of rules and labels its best row as what it is, the best of a sweep on the test prompts.
 Beyond the native context the paper's static Dynamic NTK is on by default. docs/METHOD.md has the method's reading.
 
-The machinery is in nih/: reuse.py (the exact reuse), records.py (what a record is keyed on), cli.py (the flags and
-their checks), heads.py (the heads each rule picks, drawn; the controls' random heads; the sweep's rules), budget.py
-(cost, memory, progress).
+The machinery is in nih/: reuse.py (the exact reuse), decode.py (how a cell is answered), records.py (what a
+record is keyed on), cli.py (the flags and their checks), heads.py (the heads each rule picks, drawn; the controls'
+random heads; the sweep's rules), budget.py (cost, memory, progress).
 """
 
 import argparse
@@ -44,13 +44,14 @@ import torch
 
 import entropy
 from dope import VARIANTS
-from model import SelfExtend, Tokenizer
+from model import Tokenizer
 from nih import cli, records, report, vllm_cells
 from nih.budget import LayerProgress, announce_work, check_memory
+from nih.decode import answer_and_decode, stop_tokens
 from nih.heads import control_heads, report_heads, rule_name, save_heads, sweep_rules
 from nih.models import describe_rope, load_model
 from nih.records import append_record, cell_id, digest, identity, load_done, model_id, tokenizer_id
-from nih.reuse import EXTENSIONS, PrefixStore, as_method, head_sets, run_prompts
+from nih.reuse import EXTENSIONS, PrefixStore, head_sets, run_prompts
 from tools.setup_weights import DEFAULT_MODEL_DIR, ensure_weights
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "  # RULER's noise
@@ -151,20 +152,10 @@ def depths(n: int):
 
 
 def setting_prompts(builder: PromptBuilder, length: int, noisy: int, args) -> list:
-    """(depth, trial, Prompt) for every prompt of one setting. Refused (ValueError) when two depths would put their
-    needles at the same sentence boundary: the records and the tables would count depths that were not run."""
+    """(depth, trial, Prompt) for every prompt of one setting; ValueError when two depths share a needle position."""
     prompts = [(d, t, builder.build(length, d, KEYS[t % len(KEYS)], needle_value(args.seed, length, d, t), noisy))
                for d in depths(args.depths) for t in range(args.trials)]
-    at = {}
-    for d, t, p in prompts:
-        if t == 0:
-            at.setdefault(p.needle_at, []).append(d)
-    clash = [(pos, ds) for pos, ds in at.items() if len(ds) > 1]
-    if clash:
-        pos, ds = clash[0]
-        raise ValueError(f"depths {', '.join(f'{100 * d:g}%' for d in ds)} all put the needle at token {pos} (the "
-                         f"haystack's nearest sentence boundary): {len(at)} of the {len(prompts) // args.trials} "
-                         "depths are distinct; give fewer --depths, a longer --len or a haystack with more sentences")
+    cli.check_distinct_depths(prompts, args.trials)
     return prompts
 
 
@@ -293,15 +284,7 @@ def extension_methods(args, length: int, native: int, factor, extra: int) -> lis
                                 "or give --ntk FACTOR")
             out.append(Method("yarn", "yarn", "extension", {"factor": factor}))
             continue
-        try:
-            se = SelfExtend(*args.self_extend) if args.self_extend else SelfExtend.for_length(length + extra, native)
-            se.check(length + extra, native)
-        except (TypeError, ValueError) as e:
-            cli.usage_error(f"--variant selfextend at {length} tokens (and {extra} of answer): {e}")
-        if se.window >= length:
-            cli.usage_error(f"--variant selfextend: the window W={se.window} is not smaller than the {length}-token "
-                            "prompt, so every key would be a neighbour (plain attention); give --self-extend G,W "
-                            "with a smaller window")
+        se = cli.self_extend_for(args, length, native, extra)
         out.append(Method("selfextend", "selfextend", "extension", {"group": se.group, "window": se.window}))
     return out
 
@@ -417,37 +400,6 @@ def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, o
         progress.bar.n = progress.bar.total
     store.clear()  # every cell of the setting is recorded
     return [done[cell[d, t, m.name]] for d, t, _ in prompts for m in methods]
-
-
-@torch.inference_mode()
-def answer_logprob(model, cache, logits, answer: list) -> float:
-    """log p(answer tokens | prompt), teacher-forced: logits (1, 1, vocab) are the prompt's last position; one
-    forward over answer[:-1] continues the cache, which is then rewound, so greedy decoding can follow."""
-    start = cache.pos
-    lp = torch.log_softmax(logits[0, -1].double(), -1)[answer[0]]
-    if len(answer) > 1:
-        more = model(torch.tensor([answer[:-1]], device=logits.device), cache=cache, all_logits=True)  # (1, n-1, V)
-        tgt = torch.tensor(answer[1:], device=logits.device)[:, None]
-        lp = lp + torch.log_softmax(more[0].double(), -1).gather(-1, tgt).sum()
-    cache.rewind(start)
-    return float(lp)
-
-
-@torch.inference_mode()
-def answer_and_decode(model, head_set, cache, logits, answer, prompt_ids, max_new_tokens, stop, seed) -> dict:
-    """With the prompt in the cache: the answer's teacher-forced log-probability, then greedy decoding, as the head
-    set computes (its DoPE plan, or its extension: nih/reuse.as_method)."""
-    t0 = time.time()
-    with as_method(model, head_set, seed):
-        lp = answer_logprob(model, cache, logits, answer)
-        new = model.generate(prompt_ids, max_new_tokens, stop, cache=cache, logits=logits)
-    return dict(new=new, logprob=lp, decode_seconds=time.time() - t0)
-
-
-def stop_tokens(tok, cfg) -> set:
-    """EOS, and every token whose text holds a newline: the paper stops at a newline."""
-    stop = {tok.eos_id, *cfg.eos_token_ids} - {None}
-    return stop | {i for t, i in tok.tok.get_vocab().items() if "\n" in tok.decode([i])}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 
 import entropy
 from dope import VARIANTS
-from model import Config, parse_len, read_json
+from model import Config, SelfExtend, parse_len, read_json
 from nih.budget import TAIL_CHUNK
 from nih.reuse import EXTENSIONS, MODES
 from tools.setup_weights import DEFAULT_MODEL_DIR
@@ -179,6 +179,37 @@ def check_model(path: Path, cfg: Config):
     except (OSError, ValueError) as e:
         usage_error(f"--model {path}: " + str(e).replace("\n  ", " "))
     return tok
+
+
+def check_distinct_depths(prompts: list, trials: int):
+    """prompts: (depth, trial, Prompt). Refused (ValueError) when two depths put their needles at the same sentence
+    boundary: the records and the tables would count depths that were not run."""
+    at = {}
+    for d, t, p in prompts:
+        if t == 0:
+            at.setdefault(p.needle_at, []).append(d)
+    clash = [(pos, ds) for pos, ds in at.items() if len(ds) > 1]
+    if clash:
+        pos, ds = clash[0]
+        raise ValueError(f"depths {', '.join(f'{100 * d:g}%' for d in ds)} all put the needle at token {pos} (the "
+                         f"haystack's nearest sentence boundary): {len(at)} of the {len(prompts) // trials} "
+                         "depths are distinct; give fewer --depths, a longer --len or a haystack with more sentences")
+
+
+def self_extend_for(args, length: int, native: int, extra: int) -> SelfExtend:
+    """Self-Extend's group and window for a setting: --self-extend G,W, or SelfExtend.for_length's for the prompt and
+    its answer; a pair that cannot fit the native context, or a window not smaller than the prompt, is a usage
+    error."""
+    try:
+        se = SelfExtend(*args.self_extend) if args.self_extend else SelfExtend.for_length(length + extra, native)
+        se.check(length + extra, native)
+    except (TypeError, ValueError) as e:
+        usage_error(f"--variant selfextend at {length} tokens (and {extra} of answer): {e}")
+    if se.window >= length:
+        usage_error(f"--variant selfextend: the window W={se.window} is not smaller than the {length}-token prompt, "
+                    "so every key would be a neighbour (plain attention); give --self-extend G,W with a smaller "
+                    "window")
+    return se
 
 
 def read_haystack(path) -> str:

@@ -8,9 +8,10 @@ import re
 import pytest
 
 import eval_nih
-from eval_nih import Method, PromptBuilder, answer_logprob, parse_args, run, score
+from eval_nih import Method, PromptBuilder, parse_args, run, score
 from model import Tokenizer, parse_len
 from nih import budget, records
+from nih.decode import answer_logprob
 from nih.heads import control_heads
 from tools.setup_weights import ensure_weights
 

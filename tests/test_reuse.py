@@ -10,6 +10,7 @@ import torch
 import eval_nih
 from eval_nih import Method, PromptBuilder, parse_args
 from model import SelfExtend, Tokenizer, Transformer
+from nih.decode import answer_logprob
 from nih.reuse import HeadSetRunner, PrefixStore, run_prompts
 from tools.setup_weights import ensure_weights
 
@@ -198,7 +199,7 @@ def test_extensions_reuse_their_own_prefix_and_equal_a_direct_forward(tok, smol)
             try:
                 cache, ids = smol.new_cache(1, 600), torch.tensor([p.ids])
                 logits = smol.prefill(ids, cache, chunk=len(p.ids))
-                lp = eval_nih.answer_logprob(smol, cache, logits, tok.encode(" " + p.value))
+                lp = answer_logprob(smol, cache, logits, tok.encode(" " + p.value))
                 new = smol.generate(ids, 6, {tok.eos_id}, cache=cache, logits=logits)
             finally:
                 smol.config.rope_scaling = None

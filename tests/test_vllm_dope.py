@@ -85,7 +85,7 @@ def reference(model, prompts, plan):
 
 @torch.inference_mode()
 def teacher_forced(model, scored, plan):
-    """log p(answer | prompt) under the plan, in one forward over prompt + answer (as eval_nih's answer_logprob)."""
+    """log p(answer | prompt) under the plan, in one forward over prompt + answer (as nih/decode.answer_logprob)."""
     apply_dope(model, plan)
     out = []
     for p, a in zip(scored["prompts"], scored["answers"]):
