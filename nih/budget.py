@@ -21,6 +21,12 @@ def first_layer(m, reuse: str, layers: bool = True) -> int:
     return min(layer for layer, _ in m.heads) if m.heads and reuse != "none" and layers else 0
 
 
+def baseline_runs(methods, reuse: str, layers: bool = True) -> bool:
+    """Whether the baseline's forward runs: when the baseline is itself a method to answer, or a DoPE head set starts
+    above layer 0 from its hidden states. Extensions alone (a whole forward of their own) do not need it."""
+    return any(m.head_set == ("none", ()) or first_layer(m, reuse, layers) > 0 for m in methods)
+
+
 def cost(cfg, start: int, n: int) -> float:
     """Work of n new tokens after `start` cached ones in one layer, in token units: the per-token matmuls (weights of
     one layer, 2 flops per weight) plus attention (QK^T and AV over start + i keys, 4 n_head d flops per key), both
@@ -37,7 +43,8 @@ def plan_work(cfg, methods, prompts, length, reuse: str, extra: int, layers: boo
     decoding (at most `extra` tokens each)."""
     full = cost(cfg, 0, length)
     sets = {m.head_set: 1 - first_layer(m, reuse, layers) / cfg.n_layer for m in methods}
-    sets.setdefault(("none", ()), 1.0)  # the baseline always runs: the others read its lower layers
+    if baseline_runs(methods, reuse, layers):  # the others read its lower layers
+        sets.setdefault(("none", ()), 1.0)
     work = sum(v for s, v in sets.items() if s not in stored) * \
         cost(cfg, 0, max((p.needle_at for _, _, p in prompts), default=0)) if reuse == "prefix" else 0.0
     for _, _, p in prompts:
@@ -79,8 +86,8 @@ class LayerProgress:
 
 
 def check_memory(model, methods, length, extra, args):
-    """Refuse a run whose caches and activations would not fit the device: the baseline's KV cache, one per DoPE
-    head set (its layers from the first denoised one; a layer with DoPE heads stores keys and values per query head),
+    """Refuse a run whose caches and activations would not fit the device: the baseline's KV cache (when it runs:
+    baseline_runs), one per DoPE head set (its layers from the first denoised one; a layer with DoPE heads stores keys and values per query head),
     the hidden states kept for layer reuse, the prefill's activations and the weights."""
     need = memory_needed(model.config, methods, length, extra, args)
     need += sum(p.numel() * p.element_size() for p in getattr(model, "hf", model).parameters())
@@ -97,7 +104,8 @@ def memory_needed(c, methods, length, extra, args) -> int:
     T = length + extra
     layer_kv = 2 * c.head_dim * T * b  # keys + values of one head
     sets = {m.head_set: m for m in methods if m.heads}
-    kv = c.n_layer * c.n_kv_head * layer_kv  # the baseline
+    kv = c.n_layer * c.n_kv_head * layer_kv if not methods or baseline_runs(methods, args.reuse, args.layer_reuse) \
+        else 0  # the baseline's; no methods: the check of the baseline alone
     dope_kv = []
     for m in sets.values():
         f = first_layer(m, args.reuse, args.layer_reuse)

@@ -31,7 +31,7 @@ import torch
 from dope import DopePlan, apply_dope, remove_dope
 from model import SelfExtend, check_dynamic_chunks
 from nih import records
-from nih.budget import TAIL_CHUNK, first_layer
+from nih.budget import TAIL_CHUNK, baseline_runs, first_layer
 
 MODES = ("prefix", "layers", "none")
 BASELINE = ("none", ())  # the head set of the baseline: no variant, no heads
@@ -149,6 +149,7 @@ class HeadSetRunner:
             model, length, extra, chunk, reuse, device, seed
         self.valid = 0  # leading positions of the baseline's cache that still hold the shared stream
         self.sets = head_sets(methods, reuse, layers)  # head set -> first layer
+        self.base = baseline_runs(methods, reuse, layers)  # extensions alone never run the baseline's forward
         self.caches = {}
 
     def _prefill(self, head_set, ids, cache, taps=None, hidden=None):
@@ -174,8 +175,8 @@ class HeadSetRunner:
         store = store or PrefixStore(None, 0, 0, {})
         dope = [s for s in wanted if s != BASELINE]
         need = {self.sets[s] for s in dope if not store.has(s, self.sets[s])} - {0}  # taps for what is computed
-        base = self._cache(BASELINE)
-        taps = store.load(BASELINE, 0, base, stream, self.device, need, self.chunk)
+        base = self._cache(BASELINE) if self.base else None
+        taps = store.load(BASELINE, 0, base, stream, self.device, need, self.chunk) if self.base else {}
         if taps is None:
             taps = {f: [] for f in {self.sets[s] for s in dope} if f > 0}
             self._prefill(BASELINE, stream, base, taps=taps)
@@ -196,7 +197,7 @@ class HeadSetRunner:
         """Run the tail ids[start:] for the baseline and every wanted head set, in wanted's order; decode(head_set,
         cache, logits) is called for each while its cache holds the whole prompt. Yields (head_set, decode's output
         with prefill_seconds) as each head set finishes, so a caller can record it before the next one starts. The
-        baseline's tail always runs (the others read its lower layers), decoded only when wanted."""
+        baseline's tail runs whenever a head set reads its lower layers (baseline_runs), decoded only when wanted."""
         if start > self.valid:
             raise RuntimeError(f"the cached shared prefix holds {self.valid} positions, the prompt needs {start}: "
                                "run prompts deepest needle first")
@@ -205,14 +206,15 @@ class HeadSetRunner:
     def _prompt(self, ids, start, wanted, decode):
         for cache in self.caches.values():
             cache.rewind(min(cache.pos, start))
-        base = self._cache(BASELINE)
         self.valid = start  # the tail overwrites what followed
         taps = {f: [] for f in {self.sets[s] for s in wanted} if f > 0}
-        t0 = time.time()
-        logits = self._prefill(BASELINE, ids[start:], base, taps=taps)
-        seconds = seconds_since(t0, logits)
-        if BASELINE in wanted:
-            yield BASELINE, decode(BASELINE, base, logits) | {"prefill_seconds": seconds}
+        if self.base:
+            base = self._cache(BASELINE)
+            t0 = time.time()
+            logits = self._prefill(BASELINE, ids[start:], base, taps=taps)
+            seconds = seconds_since(t0, logits)
+            if BASELINE in wanted:
+                yield BASELINE, decode(BASELINE, base, logits) | {"prefill_seconds": seconds}
         for s in wanted:
             if s == BASELINE:
                 continue

@@ -189,6 +189,12 @@ def test_the_work_estimate_counts_both_reuses():
     assert work["prefix"] - stored == pytest.approx(prefix)
     both = budget.plan_work(cfg, late, P, 8192, "prefix", 50, stored={m.head_set for m in late})
     assert work["prefix"] - both == pytest.approx(1.5 * prefix)
+    # the baseline runs only for what reads it: YaRN alone, or a head set from layer 0, costs one prefill, not two
+    yarn = [Method("yarn", "yarn", "extension", {"factor": 2.0})]
+    assert budget.plan_work(cfg, yarn, P[:1], 8192, "none", 0) == pytest.approx(1.0)
+    assert budget.plan_work(cfg, [Method("p", "parts", "rule", heads=[(0, 1)])], P[:1], 8192, "layers", 0) == \
+        pytest.approx(1.0)
+    assert budget.plan_work(cfg, late[1:], P[:1], 8192, "layers", 0) == pytest.approx(1.5)  # it reads layers 0-14
 
 
 def test_progress_inside_a_prefill_reaches_one_full_prefill(smol):

@@ -209,6 +209,26 @@ def test_extensions_reuse_their_own_prefix_and_equal_a_direct_forward(tok, smol)
     assert smol.config.rope_scaling is None and all(blk.self_attn.self_extend is None for blk in smol.layers)
 
 
+def test_extensions_alone_never_run_the_baseline_and_answer_as_beside_it(tok, smol, monkeypatch):
+    """A run of YaRN and Self-Extend alone (the baseline's records already held) computes no baseline forward, for
+    the shared prefix or any tail, and answers exactly as the same methods run beside the baseline."""
+    b = PromptBuilder(tok)
+    prompts = eval_nih.setting_prompts(b, 400, 0, parse_args(["--depths", "2", "--trials", "1"]))
+    beside = run_grid(smol, tok, prompts, EXTENSION_METHODS, "prefix", max_new=4)
+    computed, real = [], HeadSetRunner._prefill
+
+    def counting(self, head_set, *a, **kw):
+        computed.append(head_set)
+        return real(self, head_set, *a, **kw)
+
+    monkeypatch.setattr(HeadSetRunner, "_prefill", counting)
+    alone = run_grid(smol, tok, prompts, EXTENSION_METHODS[1:], "prefix", max_new=4)
+    assert computed and ("none", ()) not in computed
+    assert len(computed) == 2 * (1 + len(prompts))  # each extension: its shared prefix, then every tail
+    assert set(alone) == {k for k in beside if k[2] != "none"}
+    assert all(alone[k]["new"] == beside[k]["new"] and alone[k]["logprob"] == beside[k]["logprob"] for k in alone)
+
+
 # --------------------------------------------------------------------------
 # Saved prefixes that can never cost a result: a damaged file or an obstacle is named and recomputed, never used
 
