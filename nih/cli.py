@@ -254,8 +254,8 @@ def build_parser(doc: str, needle: str, question: str, answer_prefix: str) -> ar
                    help="token length(s), e.g. 4k, 16k, 64k or 3000; comma-separated for several (default 8k)")
     p.add_argument("--variant", type=lambda s: s.split(","), default=["none", "parts"],
                    help="comma-separated from none,parts,all,gaussian (DoPE) and yarn,selfextend (two other "
-                        "training-free extensions, compared with the baseline); the baseline is always one, answered first "
-                        "(default none,parts)")
+                        "training-free extensions, compared with the baseline); the baseline is always one, answered "
+                        "first (default none,parts)")
     p.add_argument("--self-extend", type=_group_window, metavar="G,W",
                    help="Self-Extend's group size and neighbour window (default: model.SelfExtend.for_length, the "
                         "reference implementation's W = 1024, G = 8 doubled until the length fits its rule)")
