@@ -87,8 +87,9 @@ class LayerProgress:
 
 def check_memory(model, methods, length, extra, args):
     """Refuse a run whose caches and activations would not fit the device: the baseline's KV cache (when it runs:
-    baseline_runs), one per DoPE head set (its layers from the first denoised one; a layer with DoPE heads stores keys and values per query head),
-    the hidden states kept for layer reuse, the prefill's activations and the weights."""
+    baseline_runs), one per DoPE head set (its layers from the first denoised one; a layer with DoPE heads stores
+    keys and values per query head), the hidden states kept for layer reuse, the prefill's activations and the
+    weights."""
     need = memory_needed(model.config, methods, length, extra, args)
     need += sum(p.numel() * p.element_size() for p in getattr(model, "hf", model).parameters())
     avail = available_memory(args.device)
