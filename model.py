@@ -402,9 +402,13 @@ def self_extend_attention(qn, kn, qg, kg, v, start: int, window: int, block: int
     """Self-Extend's attention: the neighbour scores qn kn^T / sqrt(d) where 0 <= i - j < window, the grouped
     scores qg kg^T / sqrt(d) where i - j >= window, merged by that mask into one matrix, causal, one softmax (in
     float32), times v. Queries (B, H, T, d) sit at positions start .. start + T - 1; keys and values (B, h, S, d)
-    at 0 .. S - 1 (h divides H: a GQA group shares its keys). Queries go `block` at a time, each against the keys
-    it can see, so memory grows with block * S, not T * S; the neighbour product covers only the window's keys.
-    Returns (B, H, T, d)."""
+    at 0 .. S - 1 (h divides H: a GQA group shares its keys). Returns (B, H, T, d).
+
+    Queries go `block` at a time. For a block whose first query is at position p, every key before lo = p - window
+    + 1 is grouped for all of its queries: those far keys are one unmasked attention (fused where PyTorch returns
+    its log-sum-exp: attention_lse), the keys from lo on (at most block + window - 1) the explicit mixed matrix,
+    and the two softmaxes are merged by their log-sum-exps into the one softmax over all keys. Memory grows with
+    block * (block + window), not T * S."""
     B, H, T, d = qn.shape
     rep, scale = H // kn.shape[1], 1 / math.sqrt(d)
     if rep > 1:
@@ -415,15 +419,34 @@ def self_extend_attention(qn, kn, qg, kg, v, start: int, window: int, block: int
         first, last = start + s, start + s + t - 1  # this block's query positions
         lo = max(0, first - window + 1)  # keys before lo are grouped for every query of the block
         i = torch.arange(first, last + 1, device=qn.device)[:, None]  # (t, 1)
-        j = torch.arange(last + 1, device=qn.device)[None, :]  # (1, last + 1): later keys are in the future
-        scores = (qg[:, :, s:s + t] * scale) @ kg[:, :, :last + 1].transpose(-2, -1)  # (B, H, t, last + 1)
-        near = (i - j[:, lo:] >= 0) & (i - j[:, lo:] < window)  # (t, last + 1 - lo)
-        scores[..., lo:] = torch.where(near, (qn[:, :, s:s + t] * scale) @ kn[:, :, lo:last + 1].transpose(-2, -1),
-                                       scores[..., lo:])
-        scores = scores.float()
-        scores[..., first:].masked_fill_(j[:, first:] > i, float("-inf"))  # causal: only the block's own keys
-        out.append(torch.softmax(scores, dim=-1).to(v.dtype) @ v[:, :, :last + 1])  # (B, H, t, d)
+        j = torch.arange(lo, last + 1, device=qn.device)[None, :]  # (1, last + 1 - lo): later keys are in the future
+        grouped = (qg[:, :, s:s + t] * scale) @ kg[:, :, lo:last + 1].transpose(-2, -1)  # (B, H, t, last + 1 - lo)
+        near = (qn[:, :, s:s + t] * scale) @ kn[:, :, lo:last + 1].transpose(-2, -1)
+        scores = torch.where(i - j < window, near, grouped).float().masked_fill(j > i, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H, t, 1), finite: key i is always seen
+        y = torch.softmax(scores, dim=-1) @ v[:, :, lo:last + 1].float()  # (B, H, t, d)
+        if lo:  # the far keys, all grouped: their softmax, weighted against the near one's by the two masses
+            y_far, lse_far = attention_lse(qg[:, :, s:s + t], kg[:, :, :lo], v[:, :, :lo], scale)
+            m = torch.maximum(lse, lse_far)
+            w, w_far = torch.exp(lse - m), torch.exp(lse_far - m)
+            y = (w * y + w_far * y_far) / (w + w_far)
+        out.append(y.to(v.dtype))
     return torch.cat(out, dim=2)
+
+
+USE_FUSED_LSE = True  # False: attention_lse always takes the explicit product (the tests run both)
+
+
+def attention_lse(q, k, v, scale: float):
+    """softmax(q k^T scale) v without a mask, in float32, and its log-sum-exp (B, H, t, 1): PyTorch's fused CPU
+    kernel where it is there (it never forms the t x S scores), the explicit product otherwise (CUDA, or a PyTorch
+    without that kernel); tests/test_self_extend.py runs both."""
+    fused = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if fused is not None and q.device.type == "cpu" and USE_FUSED_LSE:
+        y, lse = fused(q, k, v, 0.0, False, scale=scale)
+        return y.float(), lse.float()[..., None]
+    scores = (q * scale).float() @ k.float().transpose(-2, -1)  # (B, H, t, S)
+    return torch.softmax(scores, dim=-1) @ v.float(), torch.logsumexp(scores, dim=-1, keepdim=True)
 
 
 class Attention(nn.Module):

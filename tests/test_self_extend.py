@@ -1,7 +1,9 @@
 """Self-Extend in model.py (SelfExtend, self_extend_attention) against a dense reference written from the paper: every
 query-key score from the relative position RoPE gives it (as complex numbers), the neighbour window built as the
-reference implementation builds it, one softmax; then against itself chunked and cached, with DoPE on top."""
+reference implementation builds it, one softmax; then against itself chunked and cached, with DoPE on top. Every
+test runs twice: the far keys' attention through PyTorch's fused kernel and through the explicit product."""
 
+import functools
 import math
 
 import pytest
@@ -9,7 +11,15 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import dope
+import model
 from model import Config, SelfExtend, Transformer, inv_freq_default, self_extend_attention
+
+
+@pytest.fixture(autouse=True, params=["fused", "explicit"])
+def lse_path(request, monkeypatch):
+    """model.attention_lse's two paths (the fused one where this PyTorch has it)."""
+    monkeypatch.setattr(model, "USE_FUSED_LSE", request.param == "fused")
+    return request.param
 
 
 def tiny(n_kv=2, max_pos=32, seed=0, rope_scaling=None):
@@ -61,8 +71,10 @@ def layer_input(m, idx):
     return m.layers[0].input_layernorm(m.embed_tokens(idx))
 
 
+@pytest.mark.parametrize("block", [512, 5])  # 5: blocks past the window, whose far keys are a softmax of their own
 @pytest.mark.parametrize("n_kv,G,W", [(2, 2, 8), (1, 4, 8), (4, 3, 6), (2, 8, 8)])
-def test_attention_matches_the_dense_reference(n_kv, G, W):
+def test_attention_matches_the_dense_reference(n_kv, G, W, block, monkeypatch):
+    monkeypatch.setattr(model, "self_extend_attention", functools.partial(self_extend_attention, block=block))
     m = tiny(n_kv=n_kv)
     m.use_self_extend(SelfExtend(G, W))
     attn = m.layers[0].self_attn
