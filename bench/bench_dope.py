@@ -1,7 +1,8 @@
 """
 What DoPE costs: the head-scoring pass, the attention probe and a DoPE forward, each against a plain forward, side by
 side in one run; and the two baselines the experiment sets beside DoPE, YaRN (a RoPE scaling: the same forward) and
-Self-Extend (grouped attention past a neighbour window: two score matrices per layer), against the same plain forward.
+Self-Extend (grouped attention past a neighbour window: keys rotated and cached twice, the window's scores explicit),
+against the same plain forward.
 
     python -m bench.bench_dope                 # SmolLM2, 8K and 16K tokens, float32, one-pass prefill, median of 3
     python -m bench.bench_dope --lens 4k --repeats 5 --dtype bfloat16 --chunk 2048
