@@ -55,6 +55,7 @@ def run_args(rows):
     rules = list(dict.fromkeys(x["method"] for x in rows if x["role"] == "rule"))  # e.g. parts/asc, parts/flat
     variants = list(dict.fromkeys(m.split("/")[0] for m in rules))
     controls = len({x["method"] for x in rows if x["role"] == "random"}) // max(1, len(variants))
+    variants += list(dict.fromkeys(x["variant"] for x in rows if x["role"] == "extension"))  # yarn, selfextend
     args = parse_args(["--variant", ",".join(variants) or "none", "--order", ",".join(rules).replace("/", ":"),
                        "--seed", str(r["seed"]), "--dtype", r["dtype"], "--random-sets", str(controls)])
     args.device = r["device"]  # a record from a GPU is checked here on a CPU: identity() keeps only the kind
@@ -85,7 +86,8 @@ def test_committed_head_sets_are_what_todays_rules_pick(path):
     """Every method's heads in the committed records are today's: each rule's from the committed calibration file,
     which calibrate() finds under the name it computes and accepts without recomputing (no model is given, so a
     recomputation would fail), and each random control from its seed. A folder without its calibration file (the
-    GPU run's) checks the controls against the rules' recorded heads."""
+    GPU run's) checks the controls against the rules' recorded heads. YaRN's and Self-Extend's parameters are what
+    extension_methods fixes for the setting (SmolLM2's native context: 8192)."""
     rows = read(path)
     args = run_args(rows)
     r = rows[0]
@@ -99,6 +101,7 @@ def test_committed_head_sets_are_what_todays_rules_pick(path):
     else:
         sel = RecordedHeads(recorded)
     methods = methods_for(sel, args, 30, 9, r["length"], r["noisy"])  # SmolLM2: 30 layers x 9 heads
+    methods += eval_nih.extension_methods(args, r["length"], 8192, r["ntk_factor"], args.max_new_tokens + 16)
     assert {m.name: (m.rule, [tuple(h) for h in m.heads]) for m in methods} == recorded
 
 
