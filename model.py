@@ -346,6 +346,9 @@ class SelfExtend:
         has seen most of; the LongLM README, "How to choose the group_size and neighbor_window")."""
         if window >= native:
             raise ValueError(f"Self-Extend's window W={window} must be smaller than the native context {native}")
+        if length > window and window >= 2 * native / 3:  # W + (length - W) / G tends to W as G grows: never holds
+            raise ValueError(f"Self-Extend's window W={window} is not below 2/3 of the native context {native}: no "
+                             f"group G brings W + ({length} - W) / G under it (give a smaller window)")
         while window + (length - window) / group > 2 * native / 3:
             group *= 2
         return cls(group, window)
