@@ -726,14 +726,16 @@ def _judged(c: dict, key: str) -> str:
 
 
 def multiple_table(per_setting: list, pooled: dict | None = None) -> list:
-    """The verdicts by context multiple: one row per setting, a column per rule, the paper's Table 1 beside them,
-    and where a multiple has several settings with records, a row pooling them by unit (pooled: {multiple:
-    {method: counts}}). Settings of one multiple share their prompts (the same length, depths and needles; only
-    the sink tokens differ), so counts without records cannot be pooled: such a multiple gets no pooled row."""
+    """The verdicts by context multiple: one row per setting, a column per rule and then per other extension (YaRN,
+    Self-Extend: judged against the baseline only), the paper's Table 1 beside them, and where a multiple has
+    several settings with records, a row pooling them by unit (pooled: {multiple: {method: counts}}). Settings of
+    one multiple share their prompts (the same length, depths and needles; only the sink tokens differ), so counts
+    without records cannot be pooled: such a multiple gets no pooled row."""
     pooled = pooled or {}
     top = max(map(_times, per_setting))  # the rules of the longest context first, in their order, then the others
     rules = list(dict.fromkeys([c["method"] for c in per_setting if c["role"] == "rule" and _times(c) == top] +
-                               [c["method"] for c in per_setting if c["role"] == "rule"]))
+                               [c["method"] for c in per_setting if c["role"] == "rule"] +
+                               [c["method"] for c in per_setting if c["role"] == "extension"]))
     settings = {}
     for c in per_setting:
         settings.setdefault((_times(c), c["noisy"], c["length"]), {})[c["method"]] = c
@@ -741,10 +743,11 @@ def multiple_table(per_setting: list, pooled: dict | None = None) -> list:
              "Each cell: correct / prompts (and the strict-match count where it differs); against the baseline, "
              "accuracy (+ gain, − harm, = no difference: Newcombe's paired 95% interval) / answer log p (↑ higher, "
              "↓ lower, = unchanged: the median's exact 95% interval); then the same against the rule's first "
-             "random-head control (random0). A pooled row counts each prompt once (the mean of the settings that "
-             "share it); settings kept only as counts are not pooled. Paper: LLaMA-3-8B-Instruct, Table 1 "
-             "(accuracy %, its best DoPE row picked on its test prompts).", "",
-             "| multiple | setting | prompts | baseline | " + " | ".join(rules) +
+             "random-head control (random0); YaRN and Self-Extend, the other training-free extensions, against the "
+             "baseline only. A pooled row counts each prompt once (the mean of the settings that share it); "
+             "settings kept only as counts are not pooled. Paper: LLaMA-3-8B-Instruct, Table 1 (accuracy %, its "
+             "best DoPE row picked on its test prompts).", "",
+             "| multiple | setting | prompts | baseline | " + " | ".join(EXTENSION_NAMES.get(n, n) for n in rules) +
              " | paper: Dynamic NTK | paper: best DoPE |",
              "|---" * (6 + len(rules)) + "|"]
 

@@ -15,7 +15,8 @@ def rows_for(scores: dict, logprobs: dict | None = None, length=4096, native=819
     out = []
     for name, s in scores.items():
         variant = name.split("/")[0]
-        role = "baseline" if name == "none" else ("random" if "/random" in name else "rule")
+        role = "baseline" if name == "none" else "extension" if name in report.EXTENSION_NAMES else \
+            "random" if "/random" in name else "rule"
         for i, x in enumerate(s):
             lp = (logprobs or {}).get(name, [-1.0] * len(s))[i]
             out.append(dict(cell=f"{length}/{name}/{i}", model="m", length=length, native=native, noisy=0,
@@ -135,6 +136,20 @@ def test_counts_judge_as_the_records_do_and_the_table_by_multiple(tmp_path):
     one = [r for r in rows if r["length"] == 8192]
     report.summarize(one, tmp_path / "one")
     assert "By context multiple" not in (tmp_path / "one" / "summary.md").read_text()
+
+
+def test_the_table_by_multiple_has_a_column_per_extension_judged_against_the_baseline(tmp_path):
+    """YaRN and Self-Extend get columns after the rules, named as a reader knows them, judged against the baseline
+    (no random control: they have no head set); a setting where one did not run says so."""
+    base = [1] * 6 + [0] * 6
+    lps = {"none": [-3.0] * 12, "parts/asc": [-3.0] * 12, "yarn": [-1.0] * 12, "selfextend": [-3.0] * 12}
+    rows = rows_for({"none": base, "parts/asc": base, "yarn": [1] * 12, "selfextend": base}, lps, length=65536)
+    rows += rows_for({"none": base, "parts/asc": base}, length=24576)
+    report.summarize(rows, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| multiple | setting | prompts | baseline | parts/asc | YaRN | Self-Extend | paper: Dynamic NTK |" in text
+    assert "| 8x | 64K original | 12 | 6/12 (50%) | 6/12; = / = | 12/12; + / ↑ | 6/12; = / = | 60.9 |" in text
+    assert "| 3x | 24K original | 12 | 6/12 (50%) | 6/12; = / = | not run | not run | 91.9 | - |" in text
 
 
 def test_earlier_settings_of_another_model_are_refused(tmp_path):
