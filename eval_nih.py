@@ -371,7 +371,7 @@ def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, o
         Path(args.prefix_cache) if args.prefix_cache else out / "prefix-cache"  # model.py's KVCache only
     store = PrefixStore(folder, length, noisy, ident)
     stored = {s for s, f in head_sets(missing, args.reuse, args.layer_reuse).items() if store.has(s, f)}
-    work = announce_work(model, missing, prompts, todo, length, extra, args, stored, calib and calib["seconds"])
+    work = announce_work(model, missing, prompts, todo, length, extra, args, stored, calib and calib["seconds"], need)
     fixed = dict(model=name, model_id=ident["model"], native=cfg.max_pos, length=length,
                  noisy=noisy, ntk_factor=factor, reuse=args.reuse, seed=args.seed, dtype=args.dtype, device=args.device)
 

@@ -36,21 +36,28 @@ def cost(cfg, start: int, n: int) -> float:
     return n * (c0 + start) + n * n / 2
 
 
-def plan_work(cfg, methods, prompts, length, reuse: str, extra: int, layers: bool = True, stored=()) -> float:
+def plan_work(cfg, methods, prompts, length, reuse: str, extra: int, layers: bool = True, stored=(),
+              need=None) -> float:
     """Total work of a setting (the methods and prompts still to run) in full prefills of `length` tokens: each head
     set's layers from its first denoised one, for the shared prefix once (reuse=prefix; not for the head sets in
     `stored`, whose prefix is loaded from disk) and then every prompt's tail, plus teacher forcing and greedy
-    decoding (at most `extra` tokens each)."""
-    full = cost(cfg, 0, length)
-    sets = {m.head_set: 1 - first_layer(m, reuse, layers) / cfg.n_layer for m in methods}
-    if baseline_runs(methods, reuse, layers):  # the others read its lower layers
-        sets.setdefault(("none", ()), 1.0)
+    decoding (at most `extra` tokens each). need: {(depth, trial): the methods that prompt still runs}, as
+    nih/reuse.run_prompts computes them (a resumed prompt runs only its missing head sets); default: all of them."""
+
+    def head_sets(ms):
+        sets = {m.head_set: 1 - first_layer(m, reuse, layers) / cfg.n_layer for m in ms}
+        if baseline_runs(ms, reuse, layers):  # the others read its lower layers
+            sets.setdefault(("none", ()), 1.0)
+        return sets
+
+    full, sets = cost(cfg, 0, length), head_sets(methods)
     work = sum(v for s, v in sets.items() if s not in stored) * \
         cost(cfg, 0, max((p.needle_at for _, _, p in prompts), default=0)) if reuse == "prefix" else 0.0
-    for _, _, p in prompts:
+    for d, t, p in prompts:
         start = p.needle_at if reuse == "prefix" else 0
-        work += sum(sets.values()) * cost(cfg, start, length - start)
-        work += len(sets) * 2 * cost(cfg, length, extra)  # decode, one token at a time (an upper bound)
+        mine = head_sets(need[d, t]) if need is not None else sets
+        work += sum(mine.values()) * cost(cfg, start, length - start)
+        work += len(mine) * 2 * cost(cfg, length, extra)  # decode, one token at a time (an upper bound)
     return work / full
 
 
@@ -136,15 +143,16 @@ def available_memory(device) -> int:
     return 1 << 62  # unknown: do not refuse
 
 
-def announce_work(model, missing, prompts, todo, length, extra, args, stored=(), seconds=None) -> float:
+def announce_work(model, missing, prompts, todo, length, extra, args, stored=(), seconds=None, need=None) -> float:
     """Refuse what would not fit; print what is left to run and its cost (less the shared prefixes saved on disk,
     `stored`; seconds: one full prefill's, for an ETA). prompts, todo: (depth, trial, prompt) of the setting and of
-    what is left to run. Returns the work in full prefills."""
+    what is left to run; need: the methods each of those prompts still runs (plan_work). Returns the work in full
+    prefills."""
     if not todo:
         return 0.0
     check_memory(model, missing, length, extra, args)
-    work = plan_work(model.config, missing, todo, length, args.reuse, extra, args.layer_reuse, stored)
-    scratch = plan_work(model.config, missing, todo, length, "none", extra)
+    work = plan_work(model.config, missing, todo, length, args.reuse, extra, args.layer_reuse, stored, need)
+    scratch = plan_work(model.config, missing, todo, length, "none", extra, need=need)
     eta = f", ~{work * seconds / 3600:.1f} h at {seconds:.0f} s per full prefill (the calibration pass)" \
         if seconds else ""
     print(f"   {len(todo)} of {len(prompts)} prompts to run with {len(missing)} methods: about {work:.1f} full "

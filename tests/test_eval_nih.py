@@ -195,6 +195,14 @@ def test_the_work_estimate_counts_both_reuses():
     assert budget.plan_work(cfg, [Method("p", "parts", "rule", heads=[(0, 1)])], P[:1], 8192, "layers", 0) == \
         pytest.approx(1.0)
     assert budget.plan_work(cfg, late[1:], P[:1], 8192, "layers", 0) == pytest.approx(1.5)  # it reads layers 0-14
+    # a resumed run counts for each prompt only the methods it still needs (run_prompts runs no other head set)
+    se = Method("selfextend", "selfextend", "extension", {"group": 4, "window": 64})
+    both_ext, need = yarn + [se], {(0.0, 0): yarn + [se], (0.5, 0): [se], (1.0, 0): [se]}
+    resumed = budget.plan_work(cfg, both_ext, P, 8192, "none", 0, need=need)
+    assert resumed == pytest.approx(4.0) and budget.plan_work(cfg, both_ext, P, 8192, "none", 0) == pytest.approx(6.0)
+    skipped = (budget.cost(cfg, 4010, 8192 - 4010) + budget.cost(cfg, 8010, 8192 - 8010)) / budget.cost(cfg, 0, 8192)
+    assert budget.plan_work(cfg, both_ext, P, 8192, "prefix", 0, need=need) == \
+        pytest.approx(budget.plan_work(cfg, both_ext, P, 8192, "prefix", 0) - skipped)  # YaRN's two tails
 
 
 def test_progress_inside_a_prefill_reaches_one_full_prefill(smol):
