@@ -551,8 +551,8 @@ def plot_heatmap(rows, path, noisy):
 def plot_by_multiple(per_setting, path):
     """Accuracy and mean answer log-probability against the context multiple (length / native), from counts
     (earlier settings included): a row of panels per noise setting, one colour per variant and reading of the rule
-    (the same in every panel), a rule solid and its variant's random head sets dotted, pooled into one line; the
-    number of prompts under each point. Each point of one setting carries its 95% interval: Wilson's for the
+    (the same in every panel), a rule solid and its variant's random head sets dotted, pooled into one line, YaRN
+    and Self-Extend as diamonds; the number of prompts under each point. Each point of one setting carries its 95% interval: Wilson's for the
     accuracy, Student's t for the mean log p where per-prompt values were kept (counts from an earlier summary have
     none); points are nudged apart along x so that the intervals do not hide each other."""
     from matplotlib.figure import Figure
@@ -583,7 +583,8 @@ def plot_by_multiple(per_setting, path):
             n = [sum(c["n"] for c in pts[x]) for x in xs]
             acc = [100 * sum(c["correct"] for c in pts[x]) / k for x, k in zip(xs, n)]
             lp = [sum(c["logprob"] * c["n"] for c in pts[x]) / k for x, k in zip(xs, n)]
-            style = dict(color=colour[name], marker="o", ms=4, label="baseline" if name == "none" else name,
+            style = dict(color=colour[name], marker="D" if name in EXTENSION_NAMES else "o", ms=4,
+                         label="baseline" if name == "none" else EXTENSION_NAMES.get(name, name),
                          ls=":" if name.endswith("/random") else "-", lw=2.2 if name == "none" else 1.4)
             ax_acc.plot([x * nudge for x in xs], acc, **style)
             ax_lp.plot([x * nudge for x in xs], lp, **style)
