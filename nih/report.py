@@ -259,13 +259,15 @@ def power_of(label, rule, vs_base: dict, lp: dict) -> dict:
 
 
 def power_text(pw: dict) -> str:
-    """What these prompts could detect, as the verdict states it."""
-    acc = (f"an accuracy gain of at least +{100 * pw['gain']:.1f} points" if pw["gain"] is not None else
-           f"no accuracy gain (winning all {100 * pw['room']:.1f} points the baseline leaves has "
-           f"{100 * pw['at_room']:.0f}% power)")
+    """What these prompts could detect, as the verdict states it (of the accuracy, only where no gain was
+    detected: the power to find a gain already found says nothing)."""
+    acc = "" if pw["acc"]["lo"] > 0 else \
+        f"an accuracy gain of at least +{100 * pw['gain']:.1f} points and " if pw["gain"] is not None else \
+        (f"no accuracy gain (winning all {100 * pw['room']:.1f} points the baseline leaves has "
+         f"{100 * pw['at_room']:.0f}% power) and ")
     lp = (f"a median log-p shift above +{pw['shift']:.3f} nats" if pw["shift"] is not None else
           "no log-p shift (too few prompts for a median's interval)")
-    return f"with 80% power these {pw['n']} prompts detect {acc} and {lp}"
+    return f"with 80% power these {pw['n']} prompts detect {acc}{lp}"
 
 
 def power_lines(power: list) -> list:
@@ -290,9 +292,10 @@ def power_lines(power: list) -> list:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for pw in power:
         a, b, c, d = pw["table"]
-        gain = (f"+{100 * pw['gain']:.1f}" if pw["gain"] is not None else
-                f"none (all {100 * pw['room']:.1f} left: {100 * pw['at_room']:.0f}%)")
-        at_paper = f"{100 * pw['at_paper']:.0f}%" if pw["at_paper"] is not None else "no room"
+        gain = "gain detected" if pw["acc"]["lo"] > 0 else f"+{100 * pw['gain']:.1f}" if pw["gain"] is not None \
+            else f"none (all {100 * pw['room']:.1f} left: {100 * pw['at_room']:.0f}%)"
+        at_paper = "-" if pw["acc"]["lo"] > 0 else f"{100 * pw['at_paper']:.0f}%" if pw["at_paper"] is not None \
+            else "no room"
         shift = f"> +{pw['shift']:.3f}" if pw["shift"] is not None else "none"
         lines.append(f"| {pw['label']} | {pw['rule']} | {pw['n']} | {_n(b + c)} | {_n(d)} | {_acc_text(pw['acc'])} | "
                      f"{gain} | {at_paper} | {pw['lp']['diff']:+.3f} {_ival(pw['lp'], '+.3f')} | {shift} |")

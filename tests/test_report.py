@@ -145,8 +145,12 @@ def test_the_table_by_multiple_has_a_column_per_extension_judged_against_the_bas
     lps = {"none": [-3.0] * 12, "parts/asc": [-3.0] * 12, "yarn": [-1.0] * 12, "selfextend": [-3.0] * 12}
     rows = rows_for({"none": base, "parts/asc": base, "yarn": [1] * 12, "selfextend": base}, lps, length=65536)
     rows += rows_for({"none": base, "parts/asc": base}, length=24576)
-    report.summarize(rows, tmp_path)
+    verdicts = report.summarize(rows, tmp_path)
     text = (tmp_path / "summary.md").read_text()
+    yarn = next(v for v in verdicts if v.startswith("65536 tokens, noisy=0, YaRN"))
+    assert yarn.startswith("65536 tokens, noisy=0, YaRN: gain over the baseline (accuracy +50.0 pts")
+    assert "accuracy gain" not in yarn.split("; ")[-1]  # no power to find what was found
+    assert "| 65536 tokens, noisy=0 | yarn | 12 | 6 | 0 | +50.0 [+15.4, +74.6] | gain detected | - |" in text
     assert "| multiple | setting | prompts | baseline | parts/asc | YaRN | Self-Extend | paper: Dynamic NTK |" in text
     assert "| 8x | 64K original | 12 | 6/12 (50%) | 6/12; = / = | 12/12; + / ↑ | 6/12; = / = | 60.9 |" in text
     assert "| 3x | 24K original | 12 | 6/12 (50%) | 6/12; = / = | not run | not run | 91.9 | - |" in text
