@@ -38,6 +38,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ import entropy
 from dope import VARIANTS
 from model import Tokenizer
 from nih import cli, records, report, vllm_cells
-from nih.budget import LayerProgress, announce_work, check_memory
+from nih.budget import LayerProgress, announce_work, check_memory, memory_passes
 from nih.decode import answer_and_decode, stop_tokens
 from nih.heads import control_heads, report_heads, rule_name, save_heads, sweep_rules
 from nih.models import describe_rope, load_model
@@ -371,7 +372,8 @@ def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, o
         Path(args.prefix_cache) if args.prefix_cache else out / "prefix-cache"  # model.py's KVCache only
     store = PrefixStore(folder, length, noisy, ident)
     stored = {s for s, f in head_sets(missing, args.reuse, args.layer_reuse).items() if store.has(s, f)}
-    work = announce_work(model, missing, prompts, todo, length, extra, args, stored, calib and calib["seconds"], need)
+    passes = memory_passes(model, missing, length, extra, args, one=args.engine == "vllm") if todo else []
+    work = announce_work(model, passes, prompts, todo, length, extra, args, stored, calib and calib["seconds"], need)
     fixed = dict(model=name, model_id=ident["model"], native=cfg.max_pos, length=length,
                  noisy=noisy, ntk_factor=factor, reuse=args.reuse, seed=args.seed, dtype=args.dtype, device=args.device)
 
@@ -379,14 +381,17 @@ def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, o
         return answer_and_decode(model, head_set, cache, logits, tok.encode(" " + p.value),
                                  torch.tensor([p.ids], device=args.device), args.max_new_tokens, stop, args.seed)
 
-    cells = [((d, t, p), p, need[d, t]) for d, t, p in todo]
+    asked = [((d, t, p), p, need[d, t]) for d, t, p in todo]
     if args.engine == "vllm":  # vLLM answers every cell, its automatic prefix caching in place of nih/reuse.py
-        cells = vllm_cells.run_prompts(args.model, factor, cells, lambda p: tok.encode(" " + p.value), length=length,
+        cells = vllm_cells.run_prompts(args.model, factor, asked, lambda p: tok.encode(" " + p.value), length=length,
                                        extra=extra, max_new_tokens=args.max_new_tokens, stop=stop, seed=args.seed,
                                        dtype=args.dtype, reuse=args.reuse)
-    else:
-        cells = run_prompts(model, cells, decode, extra=extra, chunk=args.chunk, reuse=args.reuse, device=args.device,
-                            seed=args.seed, layers=args.layer_reuse, store=store)
+    else:  # one pass after another, each over the prompts that need its methods
+        cells = chain.from_iterable(
+            run_prompts(model, [(c, p, mine) for c, p, ms_c in asked if (mine := [m for m in ms_c if m in ms])],
+                        decode, extra=extra, chunk=args.chunk, reuse=args.reuse, device=args.device, seed=args.seed,
+                        layers=args.layer_reuse, store=store)
+            for ms in passes)
     with LayerProgress(model, length, work, f"{length} tokens, noisy={noisy}") as progress:
         for (d, t, p), m, o in cells:
             text = tok.decode(o["new"]).split("\n")[0]  # stop at a newline, as the paper does

@@ -97,14 +97,38 @@ def check_memory(model, methods, length, extra, args):
     baseline_runs), one per DoPE head set (its layers from the first denoised one; a layer with DoPE heads stores
     keys and values per query head), the hidden states kept for layer reuse, the prefill's activations and the
     weights."""
-    need = memory_needed(model.config, methods, length, extra, args)
-    need += sum(p.numel() * p.element_size() for p in getattr(model, "hf", model).parameters())
-    avail = available_memory(args.device)
+    need, avail = memory_needed(model.config, methods, length, extra, args) + _weights(model), \
+        available_memory(args.device)
     print(f"   memory: about {need / 2**30:.1f} GiB of {avail / 2**30:.1f} GiB available on {args.device}")
     if need > 0.9 * avail:
         raise SystemExit(f"error: a {length}-token run with these methods needs about {need / 2**30:.1f} GiB but only "
                          f"{avail / 2**30:.1f} GiB is available on {args.device}; use a shorter --len, fewer methods "
                          "or --reuse layers (one DoPE cache at a time)")
+
+
+def memory_passes(model, methods, length, extra, args, one: bool = False) -> list:
+    """The methods in as few passes over the prompts as the device's memory allows, in their order. One pass holds
+    the caches of all its head sets at once (with --reuse prefix each keeps the shared haystack); methods that do
+    not fit beside each other run in a later pass, with shared prefixes of their own, and answer exactly as in one
+    pass. Each pass's memory is printed (check_memory); a method that does not fit alone is refused. one: a single
+    pass, checked as a whole (vLLM, which keeps its own KV memory)."""
+    fits = 0.9 * available_memory(args.device) - _weights(model)
+    passes = [list(methods)] if one else []
+    for m in [] if one else methods:
+        if passes and memory_needed(model.config, passes[-1] + [m], length, extra, args) <= fits:
+            passes[-1].append(m)
+        else:
+            passes.append([m])
+    for ms in passes:
+        check_memory(model, ms, length, extra, args)
+    if len(passes) > 1:
+        print(f"   {len(passes)} passes over the prompts, as memory allows: " +
+              " | ".join(", ".join(m.name for m in ms) for ms in passes))
+    return passes
+
+
+def _weights(model) -> int:
+    return sum(p.numel() * p.element_size() for p in getattr(model, "hf", model).parameters())
 
 
 def memory_needed(c, methods, length, extra, args) -> int:
@@ -143,16 +167,20 @@ def available_memory(device) -> int:
     return 1 << 62  # unknown: do not refuse
 
 
-def announce_work(model, missing, prompts, todo, length, extra, args, stored=(), seconds=None, need=None) -> float:
-    """Refuse what would not fit; print what is left to run and its cost (less the shared prefixes saved on disk,
-    `stored`; seconds: one full prefill's, for an ETA). prompts, todo: (depth, trial, prompt) of the setting and of
-    what is left to run; need: the methods each of those prompts still runs (plan_work). Returns the work in full
-    prefills."""
+def announce_work(model, passes, prompts, todo, length, extra, args, stored=(), seconds=None, need=None) -> float:
+    """Print what is left to run and its cost (less the shared prefixes saved on disk, `stored`; seconds: one full
+    prefill's, for an ETA). passes: the methods left to run, as memory_passes groups them; prompts, todo:
+    (depth, trial, prompt) of the setting and of what is left to run; need: the methods each of those prompts still
+    runs (plan_work). Returns the work in full prefills."""
     if not todo:
         return 0.0
-    check_memory(model, missing, length, extra, args)
-    work = plan_work(model.config, missing, todo, length, args.reuse, extra, args.layer_reuse, stored, need)
-    scratch = plan_work(model.config, missing, todo, length, "none", extra, need=need)
+    missing = [m for ms in passes for m in ms]
+    work = scratch = 0.0
+    for ms in passes:  # each pass prefills its own shared prefix, and the baseline again where its sets read it
+        mine = {(d, t): [m for m in (need[d, t] if need is not None else missing) if m in ms] for d, t, _ in todo}
+        sub = [x for x in todo if mine[x[0], x[1]]]
+        work += plan_work(model.config, ms, sub, length, args.reuse, extra, args.layer_reuse, stored, mine)
+        scratch += plan_work(model.config, ms, sub, length, "none", extra, need=mine)
     eta = f", ~{work * seconds / 3600:.1f} h at {seconds:.0f} s per full prefill (the calibration pass)" \
         if seconds else ""
     print(f"   {len(todo)} of {len(prompts)} prompts to run with {len(missing)} methods: about {work:.1f} full "

@@ -537,6 +537,44 @@ def test_a_second_run_into_the_same_out_is_refused_naming_the_first(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_methods_that_do_not_fit_beside_each_other_run_in_passes_with_the_same_answers(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """With memory for the DoPE head sets or for YaRN and Self-Extend but not for all of them at once, the run
+    makes two passes over the prompts (each with its own shared prefix) and records what one pass records; with
+    memory for no method at all it is refused before any prompt, naming what it needs."""
+    model = tiny_folder(tmp_path / "m")
+    argv = tiny_argv(model, tmp_path / "one", "--variant", "none,all,yarn,selfextend", "--k", "2", "--ntk", "2",
+                     "--self-extend", "2,16", "--depths", "3")
+    one = run(parse_args(argv))
+    assert "passes over the prompts" not in capsys.readouterr().out
+    methods = list(dict.fromkeys(r["method"] for r in one))
+    assert methods == ["none", "all/asc", "all/random0", "yarn", "selfextend"]
+
+    import torch
+
+    from model import Transformer
+
+    args = parse_args(argv)
+    ms = [Method(m, r["variant"], r["role"], r["rule"], r["heads"]) for m in methods
+          for r in [next(r for r in one if r["method"] == m)]]
+    weights = sum(p.numel() * p.element_size() for p in Transformer.from_pretrained(model, torch.float32).parameters())
+    room = [budget.memory_needed(Transformer.from_pretrained(model).config, ms[:n], 300, 3 + 16, args) + weights
+            for n in (1, 3, 4)]
+    assert room[1] < room[2]  # YaRN beside the DoPE head sets needs more than the DoPE head sets alone
+    monkeypatch.setattr(budget, "available_memory", lambda device: room[1] / 0.9)
+    two = run(parse_args([str(tmp_path / "two") if a == str(tmp_path / "one") else a for a in argv]))
+    out = capsys.readouterr().out
+    assert "2 passes over the prompts, as memory allows: none, all/asc, all/random0 | yarn, selfextend" in out, out
+    assert [r["method"] for r in two] == [r["method"] for r in one]  # the records of the setting, in its order
+    first = {r["cell"]: r for r in one}
+    for r in two:
+        assert (r["answer"], r["logprob"]) == (first[r["cell"]]["answer"], first[r["cell"]]["logprob"]), r["method"]
+    monkeypatch.setattr(budget, "available_memory", lambda device: (room[0] + 1) / 0.9)  # the baseline, no more
+    with pytest.raises(SystemExit, match="needs about"):
+        run(parse_args([str(tmp_path / "three") if a == str(tmp_path / "one") else a for a in argv]))
+    assert not (tmp_path / "three" / "results.jsonl").exists()
+
+
 def test_every_setting_of_the_folder_stays_in_its_summary(tmp_path):
     """Two commands (two lengths) into one --out: summary.md holds both settings, not only the last command's."""
     model = tiny_folder(tmp_path / "m")
