@@ -341,9 +341,10 @@ class SelfExtend:
 
     @classmethod
     def for_length(cls, length: int, native: int, window: int = 1024, group: int = 8) -> "SelfExtend":
-        """The reference implementation's defaults, W = 1024 and G = 8, with G doubled until its authors' rule of
-        thumb holds for `length` tokens: W + (length - W) / G <= 2/3 of the native context (the positions a model
-        has seen most of; the LongLM README, "How to choose the group_size and neighbor_window")."""
+        """The reference implementation's defaults for Llama, W = 1024 and G = 8, with G doubled until its authors'
+        rule of thumb holds for `length` tokens at the loose end of its range: W + (length - W) / G <= 2/3 of the
+        native context (the positions a model has seen most of; the LongLM README's empirical rule asks for 1/2 to
+        2/3 of it)."""
         if window >= native:
             raise ValueError(f"Self-Extend's window W={window} must be smaller than the native context {native}")
         if length > window and window >= 2 * native / 3:  # W + (length - W) / G tends to W as G grows: never holds
