@@ -12,6 +12,9 @@ positional encoding" means the identity rotation (cos = 1, sin = 0), which keeps
 - by-Gaussian (v1 Eq. 36-37, v2 Eq. 17): cos and sin replaced by i.i.d. N(0, sigma^2) draws.
 
 The same tables rotate the head's query and its key (a key shared by a GQA group is rotated once per query head).
+Under a scaling whose tables carry an attention factor (YaRN's mscale m: cos and sin are m cos, m sin), an unrotated
+band is still cos = 1, sin = 0: the factor is not kept on the bands a denoising removes (the paper is written for
+plain and NTK-scaled RoPE, which have none).
 
 This file does not import model.py. apply_dope and remove_dope work on any model that has (model.Transformer and
 engines/hf_dope.HFModel do; tests/test_dope.py checks a hand-written one with nothing else):
