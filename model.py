@@ -347,7 +347,9 @@ class SelfExtend:
         2/3 of it)."""
         if window >= native:
             raise ValueError(f"Self-Extend's window W={window} must be smaller than the native context {native}")
-        if length > window and window >= 2 * native / 3:  # W + (length - W) / G tends to W as G grows: never holds
+        if length <= window:  # every key a neighbour: nothing is grouped
+            return cls(group, window)
+        if window >= 2 * native / 3:  # W + (length - W) / G tends to W as G grows: it never holds
             raise ValueError(f"Self-Extend's window W={window} is not below 2/3 of the native context {native}: no "
                              f"group G brings W + ({length} - W) / G under it (give a smaller window)")
         while window + (length - window) / group > 2 * native / 3:

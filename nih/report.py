@@ -555,9 +555,10 @@ def plot_by_multiple(per_setting, path):
     """Accuracy and mean answer log-probability against the context multiple (length / native), from counts
     (earlier settings included): a row of panels per noise setting, one colour per variant and reading of the rule
     (the same in every panel), a rule solid and its variant's random head sets dotted, pooled into one line, YaRN
-    and Self-Extend as diamonds; the number of prompts under each point. Each point of one setting carries its 95% interval: Wilson's for the
-    accuracy, Student's t for the mean log p where per-prompt values were kept (counts from an earlier summary have
-    none); points are nudged apart along x so that the intervals do not hide each other."""
+    and Self-Extend as diamonds; the number of prompts under each point. Each point of one setting carries its 95%
+    interval: Wilson's for the accuracy, Student's t for the mean log p where per-prompt values were kept (counts
+    from an earlier summary have none); points are nudged apart along x so that the intervals do not hide each
+    other."""
     from matplotlib.figure import Figure
 
     def label(c):

@@ -197,7 +197,8 @@ class HeadSetRunner:
         """Run the tail ids[start:] for the baseline and every wanted head set, in wanted's order; decode(head_set,
         cache, logits) is called for each while its cache holds the whole prompt. Yields (head_set, decode's output
         with prefill_seconds) as each head set finishes, so a caller can record it before the next one starts. The
-        baseline's tail runs whenever a head set reads its lower layers (baseline_runs), decoded only when wanted."""
+        baseline's tail runs when it is wanted or a wanted head set reads its lower layers (baseline_runs), decoded
+        only when wanted."""
         if start > self.valid:
             raise RuntimeError(f"the cached shared prefix holds {self.valid} positions, the prompt needs {start}: "
                                "run prompts deepest needle first")
@@ -208,7 +209,7 @@ class HeadSetRunner:
             cache.rewind(min(cache.pos, start))
         self.valid = start  # the tail overwrites what followed
         taps = {f: [] for f in {self.sets[s] for s in wanted} if f > 0}
-        if self.base:
+        if self.base and (BASELINE in wanted or taps):  # else nothing of this prompt reads it (a resumed prompt)
             base = self._cache(BASELINE)
             t0 = time.time()
             logits = self._prefill(BASELINE, ids[start:], base, taps=taps)

@@ -195,7 +195,8 @@ def test_the_work_estimate_counts_both_reuses():
     assert budget.plan_work(cfg, [Method("p", "parts", "rule", heads=[(0, 1)])], P[:1], 8192, "layers", 0) == \
         pytest.approx(1.0)
     assert budget.plan_work(cfg, late[1:], P[:1], 8192, "layers", 0) == pytest.approx(1.5)  # it reads layers 0-14
-    # a resumed run counts for each prompt only the methods it still needs (run_prompts runs no other head set)
+    # a resumed run counts for each prompt only the head sets it runs (run_prompts runs no other, the baseline's
+    # tail only where a method of the prompt reads it)
     se = Method("selfextend", "selfextend", "extension", {"group": 4, "window": 64})
     both_ext, need = yarn + [se], {(0.0, 0): yarn + [se], (0.5, 0): [se], (1.0, 0): [se]}
     resumed = budget.plan_work(cfg, both_ext, P, 8192, "none", 0, need=need)
@@ -561,12 +562,12 @@ def test_methods_that_do_not_fit_beside_each_other_run_in_passes_with_the_same_a
     room = [budget.memory_needed(Transformer.from_pretrained(model).config, ms[:n], 300, 3 + 16, args) + weights
             for n in (1, 3, 4)]
     assert room[1] < room[2]  # YaRN beside the DoPE head sets needs more than the DoPE head sets alone
-    monkeypatch.setattr(budget, "available_memory", lambda device: room[1] / 0.9)
+    monkeypatch.setattr(budget, "available_memory", lambda device: (room[1] + room[2]) / 2 / 0.9)
     two = run(parse_args([str(tmp_path / "two") if a == str(tmp_path / "one") else a for a in argv]))
     out = capsys.readouterr().out
     assert "2 passes over the prompts, as memory allows: none, all/asc, all/random0 | yarn, selfextend" in out, out
-    assert [r["method"] for r in two] == [r["method"] for r in one]  # the records of the setting, in its order
     first = {r["cell"]: r for r in one}
+    assert len(records.load_done(tmp_path / "two" / "results.jsonl")) == len(one) == 15
     for r in two:
         assert (r["answer"], r["logprob"]) == (first[r["cell"]]["answer"], first[r["cell"]]["logprob"]), r["method"]
     monkeypatch.setattr(budget, "available_memory", lambda device: (room[0] + 1) / 0.9)  # the baseline, no more

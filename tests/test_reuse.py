@@ -228,6 +228,22 @@ def test_extensions_alone_never_run_the_baseline_and_answer_as_beside_it(tok, sm
     assert set(alone) == {k for k in beside if k[2] != "none"}
     assert all(alone[k]["new"] == beside[k]["new"] and alone[k]["logprob"] == beside[k]["logprob"] for k in alone)
 
+    # a resumed run: the baseline and a DoPE head set from layer 10 on the deepest prompt, YaRN alone on the other:
+    # that prompt runs no baseline tail (nothing of it reads the baseline), and every answer is as in one run
+    late = [EXTENSION_METHODS[0], Method("parts/asc", "parts", "rule", heads=[(10, 3)]), EXTENSION_METHODS[1]]
+    prompts = sorted(prompts, key=lambda x: -x[2].needle_at)
+    todo = [((d, t), p, late if i == 0 else late[2:]) for i, (d, t, p) in enumerate(prompts)]
+
+    def decode(p, head_set, cache, logits):
+        return eval_nih.answer_and_decode(smol, head_set, cache, logits, tok.encode(" " + p.value),
+                                          torch.tensor([p.ids]), 4, {tok.eos_id}, 42)
+
+    computed.clear()
+    resumed = {(*k, m.name): o for k, m, o in run_prompts(smol, todo, decode, extra=20, reuse="prefix")}
+    assert computed.count(("none", ())) == 2  # the shared prefix and the deepest prompt's tail, not the other's
+    assert len(computed) == 2 * 3 + 1  # each head set's prefix and first tail; YaRN's second tail
+    assert all(resumed[k]["new"] == beside[k]["new"] for k in resumed if k[2] != "parts/asc")
+
 
 # --------------------------------------------------------------------------
 # Saved prefixes that can never cost a result: a damaged file or an obstacle is named and recomputed, never used

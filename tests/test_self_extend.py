@@ -211,7 +211,7 @@ def test_for_length_takes_the_reference_defaults_and_doubles_the_group_to_fit():
     # W at 2/3 of the native context or above: W + (N - W) / G tends to W, so no group fits (refused, not a hang)
     with pytest.raises(ValueError, match=r"window W=1500 is not below 2/3 of the native context 2000"):
         SelfExtend.for_length(4000, 2000, window=1500)
-    assert SelfExtend.for_length(1000, 2000, window=1000).group == 8  # every key a neighbour: nothing to fit
+    assert SelfExtend.for_length(1000, 1500).group == 8  # a prompt within W (1024 > 2/3 of 1500): nothing to fit
 
 
 @settings(max_examples=10, deadline=None)
