@@ -328,7 +328,8 @@ def power_projection(rows: list, prompts: list) -> list:
 
 def holm_lines(comps: list) -> list:
     """Each comparison that passes its 95% rule, and whether Holm's procedure keeps it: within its table (a
-    setting's family) and across every comparison of the summary."""
+    setting's family) and across every comparison of DoPE in the summary (YaRN's and Self-Extend's against the
+    baseline ask whether another extension works, not DoPE: within their table only)."""
     if not comps:
         return []
     tables = list(dict.fromkeys(c["label"] for c in comps))
@@ -337,10 +338,14 @@ def holm_lines(comps: list) -> list:
         fam = [c for c in comps if c["label"] == t]
         for c, keep in zip(fam, holm([c["p"] for c in fam])):
             within[id(c)] = (keep, len(fam))
-    across = dict(zip(map(id, comps), holm([c["p"] for c in comps])))
+    dope = [c for c in comps if c["rule"] not in EXTENSION_NAMES]  # YaRN and Self-Extend ask another question
+    across = dict(zip(map(id, dope), holm([c["p"] for c in dope])))
     lines = ["", "### Many comparisons", "",
              f"Each table judges its rules' accuracy and log p against the baseline and against their random "
-             f"controls; this summary judges {len(comps)} comparisons in all. p: the smallest alpha at which the "
+             f"controls; this summary judges {len(dope)} comparisons of DoPE in all"
+             + (f" (and {len(comps) - len(dope)} of YaRN and Self-Extend against the baseline, another question, "
+                "corrected within their table)" if len(dope) < len(comps) else "") +
+             ". p: the smallest alpha at which the "
              "rule's own interval excludes 0 (stats.newcombe_p, stats.median_p; against several random controls, the "
              "largest of theirs). A comparison that passes the declared 95% rule is a finding only where Holm's "
              "procedure at 5% keeps it (within its table, and across the summary for a claim across settings); "
@@ -353,8 +358,8 @@ def holm_lines(comps: list) -> list:
     for c in called:
         keep, m = within[id(c)]
         lines.append(f"| {c['label']} | {c['rule']} | {c['what']} | {c['est']} | {c['p']:.2g} | "
-                     f"{'kept' if keep else 'lead'} (m = {m}) | {'kept' if across[id(c)] else 'lead'} "
-                     f"(M = {len(comps)}) |")
+                     f"{'kept' if keep else 'lead'} (m = {m}) | " +
+                     (f"{'kept' if across[id(c)] else 'lead'} (M = {len(dope)}) |" if id(c) in across else "- |"))
     return lines
 
 
@@ -467,7 +472,8 @@ def run_summary(rows: list, out: Path, earlier: list | None = None, suffix: str 
     mean log-probability of the right answer for every method, each method against the baseline and each rule
     against its random control on the same prompts, and a verdict per rule with what its prompts could detect. With
     several settings, one more table pools them (each prompt still a pair, a prompt that settings share counted
-    once; a method name then means each setting's own rule). Then the power table, and which comparisons survive
+    once; a method name then means each setting's own rule; a method of one setting alone is left out: pooling it
+    would copy its comparisons into the count Holm corrects for). Then the power table, and which comparisons survive
     Holm's correction. With several context multiples (or `earlier` settings, as counts from earlier_counts), a
     table by multiple beside the paper's Table 1. Draws its heatmaps and the plot against the context multiple
     (their names end in suffix); returns the lines and the verdict lines."""
@@ -487,8 +493,11 @@ def run_summary(rows: list, out: Path, earlier: list | None = None, suffix: str 
         title = (f"{_model(rows)}, pooled over {len(groups)} settings "
                  f"({', '.join(f'{L}/noisy={n}' for L, n in groups)}): {units} prompts"
                  + (" (a prompt that settings share, differing only in sink tokens, counted once: the mean of its "
-                    "settings)" if shared else "") + "; each method is each setting's own rule")
-        more, said, cs, pw = table(rows, title, "pooled")
+                    "settings)" if shared else "") + "; each method is each setting's own rule, and a method "
+                 "run in one setting only is not pooled")
+        several = {m for m in {r["method"] for r in rows}
+                   if len({(r["length"], r["noisy"]) for r in rows if r["method"] == m}) > 1}
+        more, said, cs, pw = table([r for r in rows if r["method"] in several], title, "pooled")
         lines, verdicts, comps, power = lines + more, verdicts + said, comps + cs, power + pw
     lines += ["", "Verdicts. " + RULES, ""] + [f"- {v}" for v in verdicts]
     lines += power_lines(power) + holm_lines(comps)

@@ -154,6 +154,11 @@ def test_the_table_by_multiple_has_a_column_per_extension_judged_against_the_bas
     assert "| multiple | setting | prompts | baseline | parts/asc | YaRN | Self-Extend | paper: Dynamic NTK |" in text
     assert "| 8x | 64K original | 12 | 6/12 (50%) | 6/12; = / = | 12/12; + / ↑ | 6/12; = / = | 60.9 |" in text
     assert "| 3x | 24K original | 12 | 6/12 (50%) | 6/12; = / = | not run | not run | 91.9 | - |" in text
+    assert "| pooled | parts/asc |" in text and "| pooled | yarn |" not in text  # run in one setting: not pooled
+    # Holm across the summary corrects DoPE's comparisons; the extensions' are another question, within their table
+    assert "judges 6 comparisons of DoPE in all (and 4 of YaRN and Self-Extend against the baseline" in text
+    assert "| 65536 tokens, noisy=0 | yarn | accuracy vs baseline | +50.0 [+15.4, +74.6] pts | 0.0056 | kept (m = 6) | - |" \
+        in text
 
 
 def test_earlier_settings_of_another_model_are_refused(tmp_path):
