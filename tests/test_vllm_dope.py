@@ -33,7 +33,8 @@ VARIANTS = {"parts": dict(native_len=64), "all": {}, "gaussian": {}, "gaussian-v
 # zero and v2 change the tables' values, not the path they take
 RUN = {"smollm2": list(VARIANTS), "qwen2.5-coder-0.5b": ["parts", "all", "gaussian"]}
 NEW = 8  # greedy tokens per prompt
-TOL = 1e-4  # float32 log-probabilities
+TOL = 2e-4  # float32 log-probabilities: vLLM's CPU matrix products are not model.py's (up to 1.2e-4 seen on
+# Qwen2.5-Coder with plain RoPE, by CPU), 100 times below the smallest shift a plan makes (0.019)
 # 32-token blocks: the prompts fill whole blocks of the prefix cache; token ids in and out, no tokenizer
 LLM_ARGS = dict(max_model_len=256, block_size=32, skip_tokenizer_init=True)
 ENV = dict(VLLM_CPU_KVCACHE_SPACE="1",  # GiB
@@ -199,7 +200,7 @@ def test_plain_vllm_gives_model_py_s_plain_rope(world):
 
 @pytest.mark.parametrize("name, variant", [(name, v) for name in MODELS for v in RUN[name]])
 def test_each_variant_gives_model_py_s_tokens_and_logprobs(world, name, variant):
-    """Greedy tokens equal, log p within 1e-4, for the heads entropy.py picks on model.py. The plans run one after
+    """Greedy tokens equal, log p within TOL, for the heads entropy.py picks on model.py. The plans run one after
     another on one engine with prefix caching on, so each also checks that install() dropped the cached keys of the
     one before. The variant must move log p away from plain RoPE, or the comparison would prove nothing."""
     m = world["models"][name]
@@ -293,7 +294,7 @@ def test_plans_the_layout_cannot_serve_are_refused_before_vllm_loads(world, why,
 def test_the_experiment_through_vllm_gives_model_py_s_answers(tmp_path):
     """eval_nih.py --engine vllm, run with the vLLM environment's python, against model.py on a short grid (600
     tokens, 3 depths, the baseline and by-all, float32): the same heads, answers and scores, the
-    answer's teacher-forced log-probability within 1e-4, and cells keyed apart from model.py's."""
+    answer's teacher-forced log-probability within TOL, and cells keyed apart from model.py's."""
     from eval_nih import parse_args, run
 
     exe = vllm_python()
@@ -318,7 +319,7 @@ def test_the_experiment_through_vllm_gives_model_py_s_answers(tmp_path):
     for r in mine:
         v = theirs[r["depth"], r["trial"], r["method"]]
         assert (v["heads"], v["answer"], v["score"]) == (list(map(list, r["heads"])), r["answer"], r["score"]), (r, v)
-        assert abs(v["logprob"] - r["logprob"]) < 1e-4, (r["method"], r["depth"], r["logprob"], v["logprob"])
+        assert abs(v["logprob"] - r["logprob"]) <= TOL, (r["method"], r["depth"], r["logprob"], v["logprob"])
         assert v["first_layer"] == 0 and 0 < v["tail_tokens"] <= 600
     assert {r["cell"] for r in mine}.isdisjoint(v["cell"] for v in theirs.values())  # keyed apart
     assert any(v["tail_tokens"] < 600 for v in theirs.values())  # vLLM's prefix cache held a shared haystack
