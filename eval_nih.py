@@ -47,7 +47,7 @@ import entropy
 from dope import VARIANTS
 from model import Tokenizer
 from nih import cli, records, report, vllm_cells
-from nih.budget import LayerProgress, announce_work, check_memory, memory_passes
+from nih.budget import LayerProgress, announce_work, check_memory, in_pass, memory_passes
 from nih.decode import answer_and_decode, stop_tokens
 from nih.heads import control_heads, report_heads, rule_name, save_heads, sweep_rules
 from nih.models import describe_rope, load_model
@@ -388,9 +388,8 @@ def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, o
                                        dtype=args.dtype, reuse=args.reuse)
     else:  # one pass after another, each over the prompts that need its methods
         cells = chain.from_iterable(
-            run_prompts(model, [(c, p, mine) for c, p, ms_c in asked if (mine := [m for m in ms_c if m in ms])],
-                        decode, extra=extra, chunk=args.chunk, reuse=args.reuse, device=args.device, seed=args.seed,
-                        layers=args.layer_reuse, store=store)
+            run_prompts(model, in_pass(asked, ms), decode, extra=extra, chunk=args.chunk, reuse=args.reuse,
+                        device=args.device, seed=args.seed, layers=args.layer_reuse, store=store)
             for ms in passes)
     with LayerProgress(model, length, work, f"{length} tokens, noisy={noisy}") as progress:
         for (d, t, p), m, o in cells:

@@ -127,6 +127,12 @@ def memory_passes(model, methods, length, extra, args, one: bool = False) -> lis
     return passes
 
 
+def in_pass(asked, ms) -> list:
+    """The prompts a pass runs: each (key, prompt, methods) of `asked` with its methods cut to those of the pass
+    `ms`, and without the prompts left with none."""
+    return [(k, p, mine) for k, p, methods in asked if (mine := [m for m in methods if m in ms])]
+
+
 def _weights(model) -> int:
     return sum(p.numel() * p.element_size() for p in getattr(model, "hf", model).parameters())
 
@@ -175,10 +181,11 @@ def announce_work(model, passes, prompts, todo, length, extra, args, stored=(), 
     if not todo:
         return 0.0
     missing = [m for ms in passes for m in ms]
+    asked = [((d, t), p, need[d, t] if need is not None else missing) for d, t, p in todo]
     work = scratch = 0.0
     for ms in passes:  # each pass prefills its own shared prefix, and the baseline again where its sets read it
-        mine = {(d, t): [m for m in (need[d, t] if need is not None else missing) if m in ms] for d, t, _ in todo}
-        sub = [x for x in todo if mine[x[0], x[1]]]
+        sub = in_pass(asked, ms)
+        mine, sub = {k: ms_k for k, _, ms_k in sub}, [(*k, p) for k, p, _ in sub]
         work += plan_work(model.config, ms, sub, length, args.reuse, extra, args.layer_reuse, stored, mine)
         scratch += plan_work(model.config, ms, sub, length, "none", extra, need=mine)
     eta = f", ~{work * seconds / 3600:.1f} h at {seconds:.0f} s per full prefill (the calibration pass)" \

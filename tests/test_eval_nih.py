@@ -204,6 +204,12 @@ def test_the_work_estimate_counts_both_reuses():
     skipped = (budget.cost(cfg, 4010, 8192 - 4010) + budget.cost(cfg, 8010, 8192 - 8010)) / budget.cost(cfg, 0, 8192)
     assert budget.plan_work(cfg, both_ext, P, 8192, "prefix", 0, need=need) == \
         pytest.approx(budget.plan_work(cfg, both_ext, P, 8192, "prefix", 0) - skipped)  # YaRN's two tails
+    # in passes (memory_passes), a prompt counts in a pass only for that pass's methods, and none where it needs none
+    args, model = argparse.Namespace(reuse="none", layer_reuse=True), argparse.Namespace(config=cfg)
+    need[0.5, 0] = []
+    todo = [x for x in P if need[x[0], x[1]]]
+    assert budget.announce_work(model, [yarn, [se]], P, todo, 8192, 0, args, need=need) == pytest.approx(3.0)
+    assert budget.announce_work(model, [yarn, [se]], P, P, 8192, 0, args) == pytest.approx(6.0)
 
 
 def test_progress_inside_a_prefill_reaches_one_full_prefill(smol):
@@ -574,6 +580,15 @@ def test_methods_that_do_not_fit_beside_each_other_run_in_passes_with_the_same_a
     with pytest.raises(SystemExit, match="needs about"):
         run(parse_args([str(tmp_path / "three") if a == str(tmp_path / "one") else a for a in argv]))
     assert not (tmp_path / "three" / "results.jsonl").exists()
+
+
+def test_a_pass_runs_only_its_methods_on_the_prompts_that_still_need_them():
+    """in_pass cuts each prompt's methods to the pass's, in the prompt's order, and drops prompts left with none."""
+    asked = [((0, 0), "p0", ["none", "yarn", "all/asc"]), ((0, 1), "p1", ["yarn"]), ((1, 0), "p2", ["all/asc"])]
+    assert budget.in_pass(asked, ["all/asc", "none"]) == [((0, 0), "p0", ["none", "all/asc"]),
+                                                          ((1, 0), "p2", ["all/asc"])]
+    assert budget.in_pass(asked, ["yarn"]) == [((0, 0), "p0", ["yarn"]), ((0, 1), "p1", ["yarn"])]
+    assert budget.in_pass(asked, ["selfextend"]) == []
 
 
 def test_every_setting_of_the_folder_stays_in_its_summary(tmp_path):
