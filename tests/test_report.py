@@ -256,6 +256,19 @@ def test_a_rule_must_beat_each_random_set_and_passing_comparisons_face_holm(tmp_
             "lead (m = 4) | lead (M = 4) |") in text
 
 
+def test_the_declared_4x_design_is_judged_over_its_sixteen_comparisons(tmp_path):
+    """The 4x run's family, as declared: three rules x two measures x {the baseline, their variant's three random
+    sets (one comparison per measure, the weakest)} plus YaRN and Self-Extend x two measures, 16 in Holm's table."""
+    base = [1] * 20 + [0] * 35
+    scores = {m: base for m in ("none", "parts/asc", "parts/flat", "gaussian/asc", "yarn")}
+    scores |= {f"{v}/random{i}": base for v in ("parts", "gaussian") for i in range(3)}
+    scores["selfextend"] = [1] * 50 + [0] * 5
+    report.summarize(rows_for(scores), tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "this summary judges 12 comparisons of DoPE in all (and 4 of YaRN and Self-Extend" in text
+    assert "| selfextend | accuracy vs baseline |" in text and "kept (m = 16) | - |" in text
+
+
 def test_counts_carry_the_mean_log_p_interval_for_the_plot():
     rows = rows_for({"none": [1, 0, 1], "parts/asc": [1, 1, 1]}, {"none": [-1.0, -2.0, -3.0],
                                                                    "parts/asc": [-1.0, -1.0, -1.0]})
