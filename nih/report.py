@@ -165,6 +165,12 @@ def table(grp: list, title: str, label: str) -> tuple[list, list, list, list]:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     names = list(dict.fromkeys(r["method"] for r in grp))
     by = {n: {_prompt(r): r for r in grp if r["method"] == n} for n in names}
+    most = max(len(by[n]) for n in names)
+    if label != "pooled" and any(len(by[n]) < most for n in names):  # pooled: a method of fewer settings, by design
+        short = ", ".join(f"{n} {len(by[n])}" for n in names if len(by[n]) < most)
+        lines[3:3] = [f"**Incomplete**: not every method has answered every prompt ({short} of {most}: a run still "
+                      "going, or stopped). Each comparison pairs only the prompts both sides answered; a "
+                      "pre-declared run is read only once complete.", ""]
     sweep = [n for n in names if next(iter(by[n].values()))["role"] == "sweep"]
     best = max(sweep, key=lambda n: (sum(r["score"] for r in by[n].values()),
                                      sum(r["logprob"] for r in by[n].values()))) if sweep else None

@@ -269,6 +269,16 @@ def test_the_declared_4x_design_is_judged_over_its_sixteen_comparisons(tmp_path)
     assert "| selfextend | accuracy vs baseline |" in text and "kept (m = 16) | - |" in text
 
 
+def test_a_setting_whose_methods_have_not_all_answered_every_prompt_says_it_is_incomplete(tmp_path):
+    """A run still going (its second pass not yet begun, say) is summarized as what it is, naming who is behind."""
+    rows = rows_for({"none": [1, 0, 1, 1], "parts/asc": [1, 1, 1, 1], "yarn": [1, 0]})
+    report.summarize(rows, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "**Incomplete**: not every method has answered every prompt (yarn 2 of 4" in text
+    report.summarize(rows_for({"none": [1, 0, 1, 1], "parts/asc": [1, 1, 1, 1]}), tmp_path)
+    assert "Incomplete" not in (tmp_path / "summary.md").read_text()
+
+
 def test_counts_carry_the_mean_log_p_interval_for_the_plot():
     rows = rows_for({"none": [1, 0, 1], "parts/asc": [1, 1, 1]}, {"none": [-1.0, -2.0, -3.0],
                                                                    "parts/asc": [-1.0, -1.0, -1.0]})
