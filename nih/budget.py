@@ -5,6 +5,8 @@ eval_nih.py prints the estimate before a run and refuses what would not fit; ben
 with the wall-clock.
 """
 
+import ctypes
+import functools
 import sys
 
 import torch
@@ -159,6 +161,22 @@ def memory_needed(c, methods, length, extra, args) -> int:
     mask = min(args.chunk or TAIL_CHUNK, length) * T * b  # a tail's chunk x length mask
     logits = extra * c.vocab_size * 8  # teacher forcing's logits in float64
     return kv + taps + act + mask + logits
+
+
+def trim_heap():
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; a no-op without glibc). Tensors up to
+    32 MB live in that heap, so a long run's resident memory grows past what it holds: each prefill's transient
+    tensors leave holes between the KV caches that stay, touched pages the heap keeps. Called after each prefill on
+    a CPU, it keeps the memory a run prints (memory_needed) the memory it takes; it moves no number."""
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL("libc.so.6")
 
 
 def available_memory(device) -> int:

@@ -31,7 +31,7 @@ import torch
 from dope import DopePlan, apply_dope, remove_dope
 from model import SelfExtend, check_dynamic_chunks
 from nih import records
-from nih.budget import TAIL_CHUNK, baseline_runs, first_layer
+from nih.budget import TAIL_CHUNK, baseline_runs, first_layer, trim_heap
 
 MODES = ("prefix", "layers", "none")
 BASELINE = ("none", ())  # the head set of the baseline: no variant, no heads
@@ -158,8 +158,12 @@ class HeadSetRunner:
         idx = torch.tensor([ids], device=self.device)
         with as_method(self.model, head_set, self.seed):
             if f or taps:  # layer reuse (model.py only)
-                return prefill_from(self.model, idx, cache, chunk, f, hidden[f] if f else None, taps)
-            return self.model.prefill(idx, cache, chunk)
+                logits = prefill_from(self.model, idx, cache, chunk, f, hidden[f] if f else None, taps)
+            else:
+                logits = self.model.prefill(idx, cache, chunk)
+        if logits.device.type == "cpu":
+            trim_heap()  # the prefill's transient tensors are freed: their pages go back (budget.trim_heap)
+        return logits
 
     def _cache(self, head_set):
         if head_set not in self.caches:
