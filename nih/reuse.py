@@ -187,7 +187,10 @@ class HeadSetRunner:
             store.save(BASELINE, 0, base, stream, taps)
         for s in dope:
             cache = self._cache(s)
-            if store.load(s, self.sets[s], cache, stream, self.device) is None:
+            loaded = store.load(s, self.sets[s], cache, stream, self.device)
+            if torch.device(self.device).type == "cpu":
+                trim_heap()  # the file's buffers are freed: their pages go back before the next cache fills
+            if loaded is None:
                 f = self.sets[s]
                 if f and f not in taps:  # its file was damaged: the baseline's hidden states are needed after all
                     taps[f] = []
