@@ -47,7 +47,7 @@ import entropy
 from dope import VARIANTS
 from model import Tokenizer
 from nih import cli, records, report, vllm_cells
-from nih.budget import LayerProgress, announce_work, check_memory, in_pass, memory_passes
+from nih.budget import LayerProgress, announce_work, check_memory, in_pass, memory_passes, peak_resident
 from nih.decode import answer_and_decode, stop_tokens
 from nih.heads import control_heads, report_heads, rule_name, save_heads, sweep_rules
 from nih.models import describe_rope, load_model
@@ -402,6 +402,9 @@ def run_setting(model, tok, builder, length, noisy, factor, args, ident, stop, o
             append_record(results, rec)
             done[rec["cell"]] = rec
         progress.bar.n = progress.bar.total
+    if torch.device(args.device).type == "cpu" and passes:
+        print(f"   peak resident memory of this process so far: {peak_resident() / 2**30:.1f} GiB (the estimate per "
+              "pass is printed above)")
     store.clear()  # every cell of the setting is recorded
     return [done[cell[d, t, m.name]] for d, t, _ in prompts for m in methods]
 

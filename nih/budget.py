@@ -7,6 +7,7 @@ with the wall-clock.
 
 import ctypes
 import functools
+import resource
 import sys
 
 import torch
@@ -179,6 +180,12 @@ def _libc():
     return ctypes.CDLL("libc.so.6")
 
 
+def peak_resident() -> int:
+    """This process's peak resident memory in bytes so far (Linux's ru_maxrss, in KiB), to print beside the
+    estimate memory_needed gave."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def available_memory(device) -> int:
     if str(device).startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
@@ -202,8 +209,8 @@ def announce_work(model, passes, prompts, todo, length, extra, args, stored=(), 
     asked = [((d, t), p, need[d, t] if need is not None else missing) for d, t, p in todo]
     work = scratch = 0.0
     for ms in passes:  # each pass prefills its own shared prefix, and the baseline again where its sets read it
-        sub = in_pass(asked, ms)
-        mine, sub = {k: ms_k for k, _, ms_k in sub}, [(*k, p) for k, p, _ in sub]
+        mine = {k: methods for k, _, methods in in_pass(asked, ms)}
+        sub = [x for x in todo if x[:2] in mine]
         work += plan_work(model.config, ms, sub, length, args.reuse, extra, args.layer_reuse, stored, mine)
         scratch += plan_work(model.config, ms, sub, length, "none", extra, need=mine)
     eta = f", ~{work * seconds / 3600:.1f} h at {seconds:.0f} s per full prefill (the calibration pass)" \

@@ -151,6 +151,7 @@ class HeadSetRunner:
         self.sets = head_sets(methods, reuse, layers)  # head set -> first layer
         self.base = baseline_runs(methods, reuse, layers)  # extensions alone never run the baseline's forward
         self.caches = {}
+        self.cpu = torch.device(device).type == "cpu"  # where the C heap holds the tensors (budget.trim_heap)
 
     def _prefill(self, head_set, ids, cache, taps=None, hidden=None):
         f = self.sets[head_set]
@@ -161,8 +162,8 @@ class HeadSetRunner:
                 logits = prefill_from(self.model, idx, cache, chunk, f, hidden[f] if f else None, taps)
             else:
                 logits = self.model.prefill(idx, cache, chunk)
-        if logits.device.type == "cpu":
-            trim_heap()  # the prefill's transient tensors are freed: their pages go back (budget.trim_heap)
+        if self.cpu:
+            trim_heap()  # the prefill's transient tensors are freed: their pages go back
         return logits
 
     def _cache(self, head_set):
@@ -188,7 +189,7 @@ class HeadSetRunner:
         for s in dope:
             cache = self._cache(s)
             loaded = store.load(s, self.sets[s], cache, stream, self.device)
-            if torch.device(self.device).type == "cpu":
+            if self.cpu:
                 trim_heap()  # the file's buffers are freed: their pages go back before the next cache fills
             if loaded is None:
                 f = self.sets[s]

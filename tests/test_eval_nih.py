@@ -572,6 +572,7 @@ def test_methods_that_do_not_fit_beside_each_other_run_in_passes_with_the_same_a
     two = run(parse_args([str(tmp_path / "two") if a == str(tmp_path / "one") else a for a in argv]))
     out = capsys.readouterr().out
     assert "2 passes over the prompts, as memory allows: none, all/asc, all/random0 | yarn, selfextend" in out, out
+    assert "peak resident memory of this process so far:" in out  # beside the estimate, to check it against
     first = {r["cell"]: r for r in one}
     assert len(records.load_done(tmp_path / "two" / "results.jsonl")) == len(one) == 15
     for r in two:
