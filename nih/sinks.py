@@ -49,34 +49,38 @@ WINDOW = 256  # the attention map and the query similarity of the picture: the f
 def ranks(v) -> torch.Tensor:
     """Ranks 0 .. n-1 of a tensor's values (flattened), ties sharing their mean rank."""
     v = torch.as_tensor(v, dtype=torch.float64).flatten()
-    order = v.argsort()
+    s, order = v.sort()
+    _, run, count = torch.unique_consecutive(s, return_inverse=True, return_counts=True)
+    end = count.cumsum(0)  # a run of equal values holds the sorted positions end - count .. end - 1
     r = torch.empty_like(v)
-    r[order] = torch.arange(len(v), dtype=torch.float64)
-    for val in v.unique():  # ties share their mean rank
-        same = v == val
-        r[same] = r[same].mean()
+    r[order] = ((2 * end - count - 1) / 2).to(v.dtype)[run]  # their mean
     return r
+
+
+def pearson(a, b) -> float:
+    """Pearson's correlation of two centred 1-D tensors."""
+    return float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum())))
 
 
 def spearman(x, y) -> float:
     """Spearman's rank correlation (average ranks for ties) of two 1-D tensors."""
     a, b = ranks(x), ranks(y)
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum())))
+    return pearson(a - a.mean(), b - b.mean())
+
+
+def centred_layer_ranks(v) -> torch.Tensor:
+    """(L, H) -> each layer's ranks among its own heads, minus their mean. Ties (the many heads of the lower layers
+    with no sink at all) share their mean rank."""
+    r = torch.stack([ranks(row) for row in torch.as_tensor(v, dtype=torch.float64)])
+    return r - r.mean(1, keepdim=True)
 
 
 def within_layers(x, y, layers=None) -> float:
     """Spearman's rho with the layer held fixed: ranks taken among each layer's heads, centred per layer, pooled
     (does the score tell sink heads apart inside a layer, beyond both growing with depth?). x, y: (L, H)."""
-    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
-    layers = range(x.shape[0]) if layers is None else layers
-
-    def centred_ranks(v):
-        r = ranks(v)  # ties (the many heads of the lower layers with no sink at all) share their mean rank
-        return r - r.mean()
-    a = torch.cat([centred_ranks(x[i]) for i in layers])
-    b = torch.cat([centred_ranks(y[i]) for i in layers])
-    return float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum())))
+    a, b = centred_layer_ranks(x), centred_layer_ranks(y)
+    layers = list(range(a.shape[0]) if layers is None else layers)
+    return pearson(a[layers].flatten(), b[layers].flatten())
 
 
 def bootstrap_interval(x, y, draws: int = 2000, seed: int = 0, level: float = 0.95) -> list:
@@ -90,10 +94,13 @@ def bootstrap_interval(x, y, draws: int = 2000, seed: int = 0, level: float = 0.
 
 
 def layer_bootstrap(x, y, draws: int = 2000, seed: int = 0, level: float = 0.95) -> list:
-    """Percentile interval of within_layers(x, y) over layers resampled with replacement."""
+    """Percentile interval of within_layers(x, y) over layers resampled with replacement (a layer's ranks are its
+    own whichever layers are drawn with it: computed once)."""
     g = torch.Generator().manual_seed(seed)
-    L = torch.as_tensor(x).shape[0]
-    rhos = sorted(within_layers(x, y, torch.randint(0, L, (L,), generator=g).tolist()) for _ in range(draws))
+    a, b = centred_layer_ranks(x), centred_layer_ranks(y)
+    L = a.shape[0]
+    rhos = sorted(pearson(a[i].flatten(), b[i].flatten())
+                  for i in (torch.randint(0, L, (L,), generator=g).tolist() for _ in range(draws)))
     return [rhos[int((1 - level) / 2 * draws)], rhos[int((1 + level) / 2 * draws) - 1]]
 
 
