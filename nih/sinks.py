@@ -11,7 +11,7 @@ is meant to hand that attention back to the content, the needle. This measures e
   2. with --methods, the same prompt under each of the grid's methods: the denoised heads' sink and needle mass, and
      every head's needle mass, beside the baseline's.
 
-    python -m nih.sinks                                  # 4K tokens, ~2 minutes on 2 cores: pictures + sinks.json
+    python -m nih.sinks                                  # 4K tokens, ~45 s on 2 cores: pictures + sinks.json
     python -m nih.sinks --len 24k --calib-dir docs/results/regime/24k --out docs/results/sinks/24k
     python -m nih.sinks --plot docs/results/sinks/8k docs/results/sinks/16k ... --out docs/results/sinks
 

@@ -278,7 +278,12 @@ def test_an_interrupted_run_resumes_its_shared_prefix_from_disk(tmp_path, monkey
     """A run stopped mid-prompt keeps the records of the methods that prompt already ran, and leaves each head set's
     shared prefix in OUT/prefix-cache; the same command runs only the missing methods, loads the prefixes instead
     of prefilling the haystack again, its records equal an uninterrupted run's to the last digit, and the folder is
-    gone once the setting is complete. --prefix-cache none saves nothing."""
+    gone once the setting is complete. --prefix-cache none saves nothing. (The tiny model: bookkeeping, not
+    retrieval.)"""
+    model = tiny_folder(tmp_path / "m")
+
+    def short_argv(out, *more):
+        return tiny_argv(model, out, "--depths", "3", "--variant", "none,all", "--k", "2", *more)
     whole = run(parse_args(short_argv(tmp_path / "whole")))
     assert not (tmp_path / "whole" / "prefix-cache").exists()
     for out in ("cut", "none"):
@@ -299,7 +304,7 @@ def test_an_interrupted_run_resumes_its_shared_prefix_from_disk(tmp_path, monkey
     kept = [json.loads(line) for line in (tmp_path / "cut" / "results.jsonl").read_text().splitlines()]
     assert [(r["depth"], r["method"]) for r in kept] == \
         [(1.0, "none"), (1.0, "all/asc"), (1.0, "all/random0"), (0.5, "none")]
-    assert len(list((tmp_path / "cut" / "prefix-cache").glob("prefix_600_noisy0_*.kv"))) == 3  # none, all/asc, random
+    assert len(list((tmp_path / "cut" / "prefix-cache").glob("prefix_300_noisy0_*.kv"))) == 3  # none, all/asc, random
     calls.clear()
     monkeypatch.setattr(eval_nih, "answer_and_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     capsys.readouterr()
@@ -317,21 +322,25 @@ def test_an_interrupted_run_resumes_its_shared_prefix_from_disk(tmp_path, monkey
 
 def test_calibration_and_records_are_keyed_on_what_they_depend_on(tmp_path, monkeypatch):
     """A different seed, NTK factor, template or haystack gets its own calibration file and its own cells; a
-    damaged calibration file is reported, naming it, and recomputed."""
-    model = ensure_weights("smollm2")
+    damaged calibration file is reported, naming it, and recomputed; the model's id is its weights'. (The tiny
+    model: bookkeeping, not retrieval.)"""
+    model = tiny_folder(tmp_path / "m")
+
+    def short_argv(out, *more):
+        return tiny_argv(model, out, "--depths", "3", "--variant", "none,all", "--k", "2", *more)
     run(parse_args(short_argv(tmp_path, "--depths", "1")))
-    calib = sorted(tmp_path.glob("calib_600_noisy0_*.json"))
+    calib = sorted(tmp_path.glob("calib_300_noisy0_*.json"))
     assert len(calib) == 1
     run(parse_args(short_argv(tmp_path, "--depths", "1", "--seed", "7")))
     hay = tmp_path / "hay.txt"
     hay.write_text("Rivers run to the sea. Mountains stand still. Birds fly south in winter. " * 3)
     run(parse_args(short_argv(tmp_path, "--depths", "1", "--haystack-file", str(hay))))
-    assert len(set(tmp_path.glob("calib_600_noisy0_*.json"))) == 3
+    assert len(set(tmp_path.glob("calib_300_noisy0_*.json"))) == 3
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 9 and len({r["cell"] for r in rows}) == 9
     hay.write_text("Rivers run to the sea. Mountains stand still. Birds fly south in winter. " * 4)  # edited
     run(parse_args(short_argv(tmp_path, "--depths", "1", "--haystack-file", str(hay))))
-    assert len(set(tmp_path.glob("calib_600_noisy0_*.json"))) == 4
+    assert len(set(tmp_path.glob("calib_300_noisy0_*.json"))) == 4
 
     calib[0].write_bytes(calib[0].read_bytes()[:100])  # a crash mid-write of an older version
     (tmp_path / "results.jsonl").unlink()

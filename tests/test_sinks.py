@@ -199,13 +199,13 @@ def test_heads_flag_refuses_what_is_not_layer_head_pairs(text, capsys):
 
 
 def test_the_sinks_command_end_to_end_on_a_short_prompt(tmp_path, capsys):
-    """600 tokens of the packaged model: the summary holds every field the docs read, the rule's heads are the
+    """400 tokens of the packaged model: the summary holds every field the docs read, the rule's heads are the
     calibration's lowest H^1, and measurement 2 writes one file per (depth, method) that a rerun reuses."""
     out = tmp_path / "sinks"
-    argv = ["--len", "600", "--depths", "3", "--chunk", "256", "--out", str(out), "--test-depths", "0.5"]
+    argv = ["--len", "400", "--depths", "3", "--chunk", "256", "--out", str(out), "--test-depths", "0.5"]
     assert sinks.main(argv) == 0
     s = __import__("json").loads((out / "sinks.json").read_text())
-    assert s["length"] == 600 and s["noisy"] == 0 and s["queries"] == [568, 599]
+    assert s["length"] == 400 and s["noisy"] == 0 and s["queries"] == [368, 399]
     for k in ("spearman_h1_sink", "spearman_p1_sink", "spearman_vanilla_sink"):
         assert -1 <= s[k] <= 1 and s[k + "_ci"][0] <= s[k] <= s[k + "_ci"][1]
     h1 = torch.tensor(s["scores"]["h1"])
