@@ -53,7 +53,7 @@ def ranks(v) -> torch.Tensor:
     _, run, count = torch.unique_consecutive(s, return_inverse=True, return_counts=True)
     end = count.cumsum(0)  # a run of equal values holds the sorted positions end - count .. end - 1
     r = torch.empty_like(v)
-    r[order] = ((2 * end - count - 1) / 2).to(v.dtype)[run]  # their mean
+    r[order] = ((2 * end - count - 1).to(v.dtype) / 2)[run]  # their mean
     return r
 
 

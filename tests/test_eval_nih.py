@@ -281,10 +281,7 @@ def test_an_interrupted_run_resumes_its_shared_prefix_from_disk(tmp_path, monkey
     gone once the setting is complete. --prefix-cache none saves nothing. (The tiny model: bookkeeping, not
     retrieval.)"""
     model = tiny_folder(tmp_path / "m")
-
-    def short_argv(out, *more):
-        return tiny_argv(model, out, "--depths", "3", "--variant", "none,all", "--k", "2", *more)
-    whole = run(parse_args(short_argv(tmp_path / "whole")))
+    whole = run(parse_args(tiny_grid_argv(model, tmp_path / "whole")))
     assert not (tmp_path / "whole" / "prefix-cache").exists()
     for out in ("cut", "none"):
         (tmp_path / out).mkdir()
@@ -300,7 +297,7 @@ def test_an_interrupted_run_resumes_its_shared_prefix_from_disk(tmp_path, monkey
 
     monkeypatch.setattr(eval_nih, "answer_and_decode", stop_at_the_fifth)
     with pytest.raises(KeyboardInterrupt):
-        run(parse_args(short_argv(tmp_path / "cut")))
+        run(parse_args(tiny_grid_argv(model, tmp_path / "cut")))
     kept = [json.loads(line) for line in (tmp_path / "cut" / "results.jsonl").read_text().splitlines()]
     assert [(r["depth"], r["method"]) for r in kept] == \
         [(1.0, "none"), (1.0, "all/asc"), (1.0, "all/random0"), (0.5, "none")]
@@ -308,7 +305,7 @@ def test_an_interrupted_run_resumes_its_shared_prefix_from_disk(tmp_path, monkey
     calls.clear()
     monkeypatch.setattr(eval_nih, "answer_and_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     capsys.readouterr()
-    rows = run(parse_args(short_argv(tmp_path / "cut")))
+    rows = run(parse_args(tiny_grid_argv(model, tmp_path / "cut")))
     assert len(calls) == 5  # the five missing cells, nothing decoded twice
     assert capsys.readouterr().out.count("positions loaded from") == 3
     assert [(r["cell"], r["answer"], r["logprob"]) for r in rows] == \
@@ -316,7 +313,7 @@ def test_an_interrupted_run_resumes_its_shared_prefix_from_disk(tmp_path, monkey
     assert not (tmp_path / "cut" / "prefix-cache").exists()
     real_write, paths = records.write_atomic, []
     monkeypatch.setattr(records, "write_atomic", lambda path, w: paths.append(path) or real_write(path, w))
-    run(parse_args(short_argv(tmp_path / "none", "--prefix-cache", "none", "--depths", "1")))
+    run(parse_args(tiny_grid_argv(model, tmp_path / "none", "--prefix-cache", "none", "--depths", "1")))
     assert paths and not [p for p in paths if p.suffix == ".kv"] and not (tmp_path / "none" / "prefix-cache").exists()
 
 
@@ -325,27 +322,24 @@ def test_calibration_and_records_are_keyed_on_what_they_depend_on(tmp_path, monk
     damaged calibration file is reported, naming it, and recomputed; the model's id is its weights'. (The tiny
     model: bookkeeping, not retrieval.)"""
     model = tiny_folder(tmp_path / "m")
-
-    def short_argv(out, *more):
-        return tiny_argv(model, out, "--depths", "3", "--variant", "none,all", "--k", "2", *more)
-    run(parse_args(short_argv(tmp_path, "--depths", "1")))
+    run(parse_args(tiny_grid_argv(model, tmp_path, "--depths", "1")))
     calib = sorted(tmp_path.glob("calib_300_noisy0_*.json"))
     assert len(calib) == 1
-    run(parse_args(short_argv(tmp_path, "--depths", "1", "--seed", "7")))
+    run(parse_args(tiny_grid_argv(model, tmp_path, "--depths", "1", "--seed", "7")))
     hay = tmp_path / "hay.txt"
     hay.write_text("Rivers run to the sea. Mountains stand still. Birds fly south in winter. " * 3)
-    run(parse_args(short_argv(tmp_path, "--depths", "1", "--haystack-file", str(hay))))
+    run(parse_args(tiny_grid_argv(model, tmp_path, "--depths", "1", "--haystack-file", str(hay))))
     assert len(set(tmp_path.glob("calib_300_noisy0_*.json"))) == 3
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 9 and len({r["cell"] for r in rows}) == 9
     hay.write_text("Rivers run to the sea. Mountains stand still. Birds fly south in winter. " * 4)  # edited
-    run(parse_args(short_argv(tmp_path, "--depths", "1", "--haystack-file", str(hay))))
+    run(parse_args(tiny_grid_argv(model, tmp_path, "--depths", "1", "--haystack-file", str(hay))))
     assert len(set(tmp_path.glob("calib_300_noisy0_*.json"))) == 4
 
     calib[0].write_bytes(calib[0].read_bytes()[:100])  # a crash mid-write of an older version
     (tmp_path / "results.jsonl").unlink()
     with pytest.warns(UserWarning, match=f"{calib[0].name} is damaged"):
-        run(parse_args(short_argv(tmp_path, "--depths", "1")))
+        run(parse_args(tiny_grid_argv(model, tmp_path, "--depths", "1")))
     assert records.model_id(model) == records.model_id(model)
     copy = tmp_path / "model"
     copy.mkdir()
@@ -448,6 +442,11 @@ def tiny_folder(path, manifest=False, vocab=49152):
 def tiny_argv(model, out, *more):
     return ["--model", str(model), "--len", "300", "--depths", "2", "--variant", "none", "--max-new-tokens", "3",
             "--device", "cpu", "--out", str(out), *more]
+
+
+def tiny_grid_argv(model, out, *more):
+    """The tiny model's short grid: baseline, by-all and its random control (2 heads each of its 8), 3 depths."""
+    return tiny_argv(model, out, "--depths", "3", "--variant", "none,all", "--k", "2", *more)
 
 
 def overwrite_4k(folder):

@@ -15,6 +15,9 @@ from nih.reuse import HeadSetRunner, PrefixStore, run_prompts
 from tools.setup_weights import ensure_weights
 
 
+N = 300  # prompt tokens: a haystack with three depths, short enough for the suite
+
+
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer(ensure_weights("smollm2"))
@@ -53,7 +56,7 @@ def test_shared_prefix_and_layer_reuse_equal_a_full_recomputation(tok, smol, noi
     (float32; the matmul shapes differ, so not bit for bit), at depths 0%, 50% and 100%, original and noisy, in one
     pass or in chunks. Identical head sets run once."""
     b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
-    prompts = eval_nih.setting_prompts(b, 300, noisy, parse_args(["--depths", "3", "--trials", "1"]))
+    prompts = eval_nih.setting_prompts(b, N, noisy, parse_args(["--depths", "3", "--trials", "1"]))
     full = full_grid(smol, tok, noisy)
     got = run_grid(smol, tok, prompts, GRID_METHODS, reuse, chunk, max_new=6)
     for cell, o in full.items():
@@ -70,7 +73,7 @@ def full_grid(smol, tok, noisy):
     """The reference: every prompt recomputed from scratch by every method (computed once per noise setting)."""
     if noisy not in _FULL:
         b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
-        prompts = eval_nih.setting_prompts(b, 300, noisy, parse_args(["--depths", "3", "--trials", "1"]))
+        prompts = eval_nih.setting_prompts(b, N, noisy, parse_args(["--depths", "3", "--trials", "1"]))
         _FULL[noisy] = run_grid(smol, tok, prompts, GRID_METHODS, "none", max_new=6)
     return _FULL[noisy]
 
@@ -82,11 +85,11 @@ def test_a_saved_shared_prefix_resumes_bit_for_bit(tok, smol, tmp_path, monkeypa
     head set (the baseline's saved hidden states start it); a torn file is named in a warning and recomputed; the
     folder ignores itself in git and is gone once cleared; a disk that refuses the file costs a warning, not the run."""
     b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
-    prompts = eval_nih.setting_prompts(b, 300, 2, parse_args(["--depths", "3", "--trials", "1"]))
+    prompts = eval_nih.setting_prompts(b, N, 2, parse_args(["--depths", "3", "--trials", "1"]))
     ident, methods = {"run": "test"}, [GRID_METHODS[0], GRID_METHODS[1], GRID_METHODS[3]]  # first layers 0, 10, 0
-    store = PrefixStore(tmp_path / "kv", 300, 2, ident)
+    store = PrefixStore(tmp_path / "kv", N, 2, ident)
     first = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
-    files = sorted((tmp_path / "kv").glob("prefix_300_noisy2_*.kv"))
+    files = sorted((tmp_path / "kv").glob(f"prefix_{N}_noisy2_*.kv"))
     assert len(files) == 3  # baseline, parts/asc, all/random0
     assert (tmp_path / "kv" / ".gitignore").read_text().splitlines()[-1] == "*"
 
@@ -116,13 +119,13 @@ def test_a_saved_shared_prefix_resumes_bit_for_bit(tok, smol, tmp_path, monkeypa
             again = bits(run_grid(smol, tok, prompts, methods, "prefix", max_new=6, store=store))
         assert again == first
     (tmp_path / "a-file").write_text("")
-    blocked = PrefixStore(tmp_path / "a-file" / "kv", 300, 2, ident)  # a disk that refuses: warned, not fatal
+    blocked = PrefixStore(tmp_path / "a-file" / "kv", N, 2, ident)  # a disk that refuses: warned, not fatal
     cache = smol.new_cache(1, 8)
     smol.prefill(torch.tensor([[1, 2, 3]]), cache)
     with pytest.warns(UserWarning, match="cannot save the shared prefix"):
         blocked.save(("none", ()), 0, cache, [1, 2, 3])
     assert not blocked.saving
-    other = PrefixStore(tmp_path / "kv", 300, 0, ident)  # another setting: other files, untouched
+    other = PrefixStore(tmp_path / "kv", N, 0, ident)  # another setting: other files, untouched
     assert not other.has(("none", ()), 0)
     store.clear()
     assert not (tmp_path / "kv").exists()
@@ -160,10 +163,10 @@ def test_prefill_seconds_leave_out_the_decoding(tok, smol):
     """A record's prefill_seconds time the tail's prefill alone; the decoding has its own decode_seconds (records
     written before this was fixed counted the decoding in both)."""
     b = PromptBuilder(tok)
-    prompts = eval_nih.setting_prompts(b, 300, 0, parse_args(["--depths", "1"]))
+    prompts = eval_nih.setting_prompts(b, N, 0, parse_args(["--depths", "1"]))
     p = prompts[0][2]
     sets = {("none", ()), ("parts", ((3, 1),))}
-    runner = HeadSetRunner(smol, [Method("parts/asc", "parts", "rule", heads=[(3, 1)])], 300, 20, 0, "prefix", "cpu",
+    runner = HeadSetRunner(smol, [Method("parts/asc", "parts", "rule", heads=[(3, 1)])], N, 20, 0, "prefix", "cpu",
                            42)
     runner.prefix(b.stream(p.needle_at), sets)
 
@@ -188,7 +191,7 @@ def test_extensions_reuse_their_own_prefix_and_equal_a_direct_forward(tok, smol)
     answer and the log p of one forward over the whole prompt with the extension set on the model directly, and
     leave the model as it was loaded."""
     b = PromptBuilder(tok, sink_id=smol.config.bos_token_id)
-    prompts = eval_nih.setting_prompts(b, 300, 0, parse_args(["--depths", "2", "--trials", "1"]))
+    prompts = eval_nih.setting_prompts(b, N, 0, parse_args(["--depths", "2", "--trials", "1"]))
     got = run_grid(smol, tok, prompts, EXTENSION_METHODS, "prefix", max_new=6)
     for d, t, p in prompts:
         for m in EXTENSION_METHODS[1:]:
@@ -213,7 +216,7 @@ def test_extensions_alone_never_run_the_baseline_and_answer_as_beside_it(tok, sm
     """A run of YaRN and Self-Extend alone (the baseline's records already held) computes no baseline forward, for
     the shared prefix or any tail, and answers exactly as the same methods run beside the baseline."""
     b = PromptBuilder(tok)
-    prompts = eval_nih.setting_prompts(b, 300, 0, parse_args(["--depths", "2", "--trials", "1"]))
+    prompts = eval_nih.setting_prompts(b, N, 0, parse_args(["--depths", "2", "--trials", "1"]))
     beside = run_grid(smol, tok, prompts, EXTENSION_METHODS, "prefix", max_new=4)
     computed, real = [], HeadSetRunner._prefill
 
